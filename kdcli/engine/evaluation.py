@@ -1,0 +1,58 @@
+"""`kdcli evaluate`: metrics of one or more checkpoints on a dataset split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+
+from kdcli.data import make_loader
+from kdcli.engine.checkpoint import load_model
+from kdcli.engine.io import atomic_save, write_csv
+from kdcli.engine.metrics import agreement_metrics, classification_metrics, predict
+from kdcli.engine.pipeline import prepare_data
+from kdcli.errors import UserError
+from kdcli.recipes import Recipe
+
+
+def evaluate_checkpoints(checkpoints: list[Path], recipe: Recipe, split: str, device: torch.device, out: Path, *,
+                         arch: str | None = None, teacher: Path | None = None, teacher_arch: str | None = None,
+                         save_logits: Path | None = None, smoke: bool = False, seed: int = 0,
+                         console=None) -> tuple[pd.DataFrame, Path]:
+    """Evaluate each checkpoint; returns the table and the path of ``evaluation.csv``."""
+    data = prepare_data(recipe, smoke)
+    dataset = {"train": data.train, "val": data.val, "test": data.test}.get(split)
+    if dataset is None:
+        raise UserError(f"split '{split}' is not available for recipe '{recipe.name}'; use test, train, "
+                        "or val with --set data.val_fraction=0.1")
+    loader = make_loader(dataset, recipe.train.eval_batch_size, train=False, device=device, seed=seed)
+    teacher_logits = None
+    if teacher is not None:
+        teacher_logits = _logits(teacher, teacher_arch, data.num_classes, loader, device)[0]
+    rows, saved = [], {}
+    for i, path in enumerate(checkpoints):
+        logits, labels, indices = _logits(path, arch, data.num_classes, loader, device)
+        row = {"checkpoint": str(path), "split": split, "samples": len(labels), **classification_metrics(logits, labels)}
+        if teacher_logits is not None:
+            row.update(agreement_metrics(logits, teacher_logits))
+        rows.append(row)
+        saved[f"logits.{i}"] = logits.contiguous()
+        saved["labels"], saved["indices"] = labels.contiguous(), indices.contiguous()
+    if save_logits is not None:
+        meta = {f"checkpoint.{i}": str(p) for i, p in enumerate(checkpoints)} | {"split": split, "recipe": recipe.name}
+        atomic_save(save_logits, lambda tmp: save_file(saved, tmp, metadata=meta))
+    frame = pd.DataFrame(rows)
+    path = out / "evaluation.csv"
+    write_csv(path, frame)
+    return frame, path
+
+
+def _logits(path: Path, arch: str | None, num_classes: int, loader, device: torch.device):
+    model = load_model(path, arch=arch)
+    produced = getattr(model, "num_classes", num_classes)
+    if produced != num_classes:
+        raise UserError(f"checkpoint {path} predicts {produced} classes but the dataset has {num_classes}; "
+                        "pick the matching --recipe")
+    return predict(model.to(device), loader)

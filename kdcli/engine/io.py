@@ -1,0 +1,71 @@
+"""Atomic file writes: a crash never leaves a half-written file behind.
+
+Every writer goes through :func:`atomic_write`: write to a temporary file in the same directory,
+flush and fsync it, then ``os.replace`` it over the target (atomic on POSIX and Windows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+import pandas as pd
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary sibling of ``path`` for writing; on success it atomically replaces ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(path: str | Path, save: Callable[[str], None]) -> None:
+    """Atomically write a file produced by a library function that takes a filename (safetensors, ONNX...)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with atomic_write(path) as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+
+
+def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
+    with atomic_write(path) as handle:
+        frame.to_csv(handle, index=False)
+
+
+def append_csv_row(path: str | Path, row: dict[str, Any]) -> pd.DataFrame:
+    """Append one row to a CSV table (rewritten atomically; columns are the union of old and new)."""
+    path = Path(path)
+    old = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    frame = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
+    write_csv(path, frame)
+    return frame

@@ -1,0 +1,182 @@
+"""What `train-teacher` and `distill` do: build data and networks, run the stages, tabulate results.
+
+A distill run writes, under its output directory::
+
+    recipe.yaml            the resolved recipe
+    teacher/               only when the recipe gives no teacher checkpoint: the teacher is trained first
+    baseline/              with train.baseline: the student trained alone (method ce)
+    <method>/              the distilled student(s)
+    results.csv            one row per stage and network, with provenance
+
+Each stage directory holds ``history.csv`` and ``checkpoints/``. ``--resume`` skips finished stages and
+continues an interrupted one from its last epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from kdcli.data import DataBundle, DataSpec, build_data, smoke_data
+from kdcli.engine.checkpoint import load_model
+from kdcli.engine.distributed import wrap
+from kdcli.engine.io import write_csv
+from kdcli.engine.trainer import RunContext, RunSummary, Trainer
+from kdcli.errors import UserError
+from kdcli.methods import get_method
+from kdcli.recipes import Recipe
+
+SMOKE_STEPS = 2
+SMOKE_BATCH = 16
+CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def smoke_recipe(recipe: Recipe) -> Recipe:
+    """The same recipe shrunk to a few steps: one epoch, small batches."""
+    train = dataclasses.replace(recipe.train, epochs=1, batch_size=min(recipe.train.batch_size, SMOKE_BATCH),
+                                eval_batch_size=min(recipe.train.eval_batch_size, 2 * SMOKE_BATCH))
+    return dataclasses.replace(recipe, train=train)
+
+
+def prepare_data(recipe: Recipe, smoke: bool) -> DataBundle:
+    """The recipe's dataset, or for --smoke generated data with its real class count and image size."""
+    cfg = recipe.data
+    if smoke:
+        num_classes = CLASSES.get(cfg.dataset, cfg.num_classes)
+        if cfg.dataset == "imagefolder":
+            num_classes = _folder_classes(cfg.root) or cfg.num_classes
+        return smoke_data(num_classes, cfg.image_size, seed=cfg.data_seed)
+    spec = DataSpec(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(DataSpec)})
+    return build_data(spec)
+
+
+def _folder_classes(root: str) -> int:
+    train = Path(root).expanduser() / "train"
+    return sum(1 for p in train.iterdir() if p.is_dir()) if train.is_dir() else 0
+
+
+def build_network(arch: str, num_classes: int, channels_last: bool = False) -> nn.Module:
+    from kdcli.models import create_model
+
+    network = create_model(arch, num_classes=num_classes)
+    network.kdcli_arch = arch
+    return network.to(memory_format=torch.channels_last) if channels_last else network
+
+
+def load_teacher(path: str, arch: str, num_classes: int, smoke: bool, console) -> nn.Module:
+    """A frozen teacher from a checkpoint (kdcli or RepDistiller format)."""
+    if smoke and not Path(path).expanduser().is_file():
+        console.print(f"[yellow]smoke: teacher checkpoint {path} not found, using a random {arch}[/]")
+        teacher = build_network(arch, num_classes)
+    else:
+        teacher = load_model(path, arch=arch, num_classes=num_classes)
+        teacher.kdcli_arch = arch
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+def run_stage(stage: str, method_name: str, networks: dict[str, str], teacher: nn.Module | None,
+              recipe: Recipe, data: DataBundle, ctx: RunContext) -> RunSummary:
+    """Train ``networks`` (name -> arch) with one method inside ``out_dir/stage``."""
+    torch.manual_seed(ctx.seed)  # identical initial weights for the same seed, whatever ran before
+    built = {name: build_network(arch, data.num_classes, recipe.train.channels_last).to(ctx.device)
+             for name, arch in networks.items()}
+    built = {name: wrap(net, ctx.dist) for name, net in built.items()}
+    stage_recipe = recipe if method_name == recipe.method.name else dataclasses.replace(
+        recipe, method=dataclasses.replace(recipe.method, name=method_name, weights={}, params={}))
+    method = get_method(method_name).create(built, teacher, stage_recipe, data.num_classes).to(ctx.device)
+    stage_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / stage)
+    return Trainer(method, data, stage_recipe, stage_ctx, stage).fit()
+
+
+def train_teacher(recipe: Recipe, ctx: RunContext, smoke: bool) -> list[RunSummary]:
+    if recipe.teacher is None:
+        raise UserError(f"recipe '{recipe.name}' has no 'teacher' section; add teacher.arch to train one")
+    data = prepare_data(recipe, smoke)
+    return [run_stage("teacher", "ce", {"teacher": recipe.teacher.arch}, None, recipe, data, ctx)]
+
+
+def distill(recipe: Recipe, ctx: RunContext, smoke: bool) -> list[RunSummary]:
+    """Teacher (trained first if no checkpoint is given), optional baseline, then the method."""
+    method_cls = get_method(recipe.method.name)
+    data = prepare_data(recipe, smoke)
+    summaries: list[RunSummary] = []
+    teacher = None
+    if method_cls.needs_teacher:
+        if recipe.teacher is None:
+            raise UserError(f"method '{recipe.method.name}' needs a teacher; add teacher.arch (and teacher.checkpoint) to the recipe")
+        path = recipe.teacher.checkpoint
+        if path is None:
+            summaries += train_teacher(recipe, ctx, smoke)
+            path = str(ctx.out_dir / "teacher" / "checkpoints" / "teacher-best.safetensors")
+        teacher = load_teacher(path, recipe.teacher.arch, data.num_classes, smoke, ctx.console).to(ctx.device)
+    networks = method_cls.networks_for(recipe)
+    if recipe.train.baseline:
+        for name, arch in networks.items():
+            stage = "baseline" if len(networks) == 1 else f"baseline-{name}"
+            summaries.append(run_stage(stage, "ce", {name: arch}, None, recipe, data, ctx))
+    summaries.append(run_stage(recipe.method.name, recipe.method.name, networks, teacher, recipe, data, ctx))
+    return summaries
+
+
+def results_frame(summaries: list[RunSummary], recipe: Recipe, ctx: RunContext, wall_seconds: float) -> pd.DataFrame:
+    """One row per stage and network, with the provenance needed to reproduce it."""
+    import timm
+
+    import kdcli
+
+    rows = []
+    for summary in summaries:
+        for result in summary.results:
+            rows.append({
+                "recipe": recipe.name, "config_hash": recipe.config_hash(), "stage": summary.stage,
+                **dataclasses.asdict(result), "eval_split": recipe.train.eval_split,
+                "epochs": recipe.train.epochs, "seed": ctx.seed, "stage_seconds": round(summary.seconds, 2),
+                "images_per_s": round(summary.images_per_s, 1), "wall_seconds": round(wall_seconds, 2),
+                "device": device_name(ctx.device), "kdcli": kdcli.__version__, "torch": torch.__version__,
+                "timm": timm.__version__, "python": platform.python_version(),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            })
+    return pd.DataFrame(rows)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+@dataclass
+class Outcome:
+    summaries: list[RunSummary]
+    results: pd.DataFrame
+    results_path: Path
+
+
+def write_results(summaries: list[RunSummary], recipe: Recipe, ctx: RunContext, wall_seconds: float) -> Outcome:
+    frame = results_frame(summaries, recipe, ctx, wall_seconds)
+    path = ctx.out_dir / "results.csv"
+    if ctx.dist.is_main:
+        write_csv(path, frame)
+    return Outcome(summaries, frame, path)
+

@@ -1,0 +1,250 @@
+"""The one training loop shared by teacher training, the student-alone baseline and every method.
+
+Per epoch: the loader is re-seeded from (seed, epoch), the method takes its steps, the schedulers
+step, the networks are evaluated every ``eval_every`` epochs (and at the last one), a row goes to
+``history.csv`` and the last (and best) checkpoints plus the full training state are written
+atomically. Because every random draw is derived from (seed, epoch) or restored from the saved RNG
+state, a run resumed at an epoch boundary reproduces the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from kdcli.data import DataBundle, make_loader
+from kdcli.engine import checkpoint
+from kdcli.engine.distributed import DistEnv, unwrap
+from kdcli.engine.io import write_csv
+from kdcli.engine.metrics import classification_metrics, ensemble_logits, predict
+from kdcli.methods.base import Batch, Method, StepInfo
+from kdcli.recipes import Recipe
+
+
+@dataclass
+class RunContext:
+    """Everything about a run that is not the recipe."""
+
+    out_dir: Path
+    device: torch.device
+    seed: int
+    console: Console
+    max_steps: int | None = None  # --smoke: cap on steps per epoch
+    resume: bool = False
+    dist: DistEnv = field(default_factory=DistEnv)
+
+
+@dataclass
+class NetworkResult:
+    network: str
+    arch: str
+    best_epoch: int
+    best_top1: float
+    last_top1: float
+    test_top1_at_best: float | None
+    test_top1_last: float | None
+    checkpoint: str
+
+
+@dataclass
+class RunSummary:
+    stage: str
+    results: list[NetworkResult]
+    seconds: float
+    images_per_s: float
+    out_dir: Path
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """Independent, reproducible seeds per (run seed, epoch, stream)."""
+    return (seed * 1_000_003 + epoch * 7919 + stream) % (2**63 - 1)
+
+
+class Trainer:
+    def __init__(self, method: Method, data: DataBundle, recipe: Recipe, ctx: RunContext, stage: str) -> None:
+        self.method, self.data, self.recipe, self.ctx, self.stage = method, data, recipe, ctx, stage
+        self.dir = ctx.out_dir
+        self.ckpt_dir = ctx.out_dir / "checkpoints"
+        train = recipe.train
+        self.train_loader = make_loader(data.train, train.batch_size, train=True, device=ctx.device, seed=ctx.seed,
+                                        channels_last=train.channels_last, shard=(ctx.dist.rank, ctx.dist.world))
+        self.eval_loaders = {
+            split: make_loader(ds, train.eval_batch_size, train=False, device=ctx.device, seed=ctx.seed,
+                               channels_last=train.channels_last)
+            for split, ds in (("val", data.val), ("test", data.test)) if ds is not None
+        }
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        self.step = 0
+
+    # -- public -----------------------------------------------------------------------------------
+    def fit(self) -> RunSummary:
+        epochs = self.recipe.train.epochs
+        self.method.build_optimizers(epochs)
+        if self.ctx.resume and self._restore():
+            self.ctx.console.print(f"[cyan]{self.stage}[/]: resumed after epoch {self.start_epoch} from {self.ckpt_dir}")
+        started = time.perf_counter() - sum(row["seconds"] for row in self.history)
+        for epoch in range(self.start_epoch, epochs):
+            row = self._train_epoch(epoch)
+            if (epoch + 1) % self.recipe.train.eval_every == 0 or epoch + 1 == epochs:
+                row.update(self._evaluate())
+            self.history.append(row)
+            self._save(epoch)
+        seconds = time.perf_counter() - started
+        return self._summary(seconds)
+
+    # -- training ---------------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        method, loader = self.method, self.train_loader
+        method.train()
+        loader.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.ctx.seed, epoch, 1))
+        info = StepInfo(epoch, self.recipe.train.epochs, self.step, generator, self.recipe.train.precision)
+        steps = len(loader) if self.ctx.max_steps is None else min(len(loader), self.ctx.max_steps)
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), device=self.ctx.device)
+        seen = 0
+        lr = self._lr()
+        begin = time.perf_counter()
+        with self._progress() as progress:
+            task = progress.add_task(f"{self.stage} epoch {epoch + 1}/{info.epochs}", total=steps, stats="")
+            for i, (images, labels, indices) in enumerate(loader):
+                if i >= steps:
+                    break
+                info.step = self.step
+                out = method.train_step(Batch(images, labels, indices), info)
+                for name, value in out.logs.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                correct += (out.logits.argmax(1) == labels).sum()
+                seen += labels.numel()
+                self.step += 1
+                if (i + 1) % 10 == 0 or i + 1 == steps:  # .item() synchronises the GPU: only now and then
+                    rate = seen / max(time.perf_counter() - begin, 1e-9)
+                    stats = f"loss {sums['loss'].item() / (i + 1):.4f} acc {100 * correct.item() / seen:.1f}% {rate:.0f} img/s"
+                    progress.update(task, completed=i + 1, stats=stats)
+        for scheduler in method.schedulers.values():
+            scheduler.step()
+        seconds = time.perf_counter() - begin
+        row = {"epoch": epoch + 1, "lr": lr}
+        row.update({name: (value / max(steps, 1)).item() for name, value in sums.items()})
+        row.update({"train_top1": 100.0 * correct.item() / max(seen, 1), "seconds": seconds,
+                    "images_per_s": seen * self.ctx.dist.world / max(seconds, 1e-9)})
+        return row
+
+    def _lr(self) -> float:
+        optimizer = next(iter(self.method.optimizers.values()))
+        return optimizer.param_groups[0]["lr"]
+
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[stats]}"), console=self.ctx.console, transient=True,
+                        disable=not self.ctx.dist.is_main)
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def _evaluate(self) -> dict[str, float]:
+        """Top-1 of every network (and their ensemble when there are several) on every eval split."""
+        row: dict[str, float] = {}
+        names = list(self.method.networks)
+        precision = self.recipe.train.precision
+        for split, loader in self.eval_loaders.items():
+            logits = {name: predict(self.method.networks[name], loader, precision) for name in names}
+            for name, (out, labels, _) in logits.items():
+                metrics = classification_metrics(out, labels)
+                suffix = "" if name == names[0] else f"_{name}"
+                row[f"{split}_top1{suffix}"] = metrics["top1"]
+                if suffix == "":
+                    row[f"{split}_nll"] = metrics["nll"]
+            if len(names) > 1:
+                labels = logits[names[0]][1]
+                mixed = ensemble_logits([logits[n][0] for n in names])
+                row[f"{split}_top1_ensemble"] = classification_metrics(mixed, labels)["top1"]
+        self.method.train()
+        return row
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _meta(self, name: str, epoch: int) -> dict[str, Any]:
+        net = unwrap(self.method.networks[name])
+        return {
+            "arch": getattr(net, "kdcli_arch", type(net).__name__),
+            "num_classes": self.data.num_classes,
+            "mean": list(self.data.mean), "std": list(self.data.std), "image_size": self.data.image_size,
+            "recipe": self.recipe.name, "config_hash": self.recipe.config_hash(), "stage": self.stage,
+            "network": name, "epoch": epoch + 1, "seed": self.ctx.seed,
+        }
+
+    def _save(self, epoch: int) -> None:
+        if not self.ctx.dist.is_main:
+            return
+        write_csv(self.dir / "history.csv", pd.DataFrame(self.history))
+        key = f"{self.recipe.train.eval_split}_top1"
+        row = self.history[-1]
+        best = self._best_row()
+        is_best = key in row and best is row
+        for name in self.method.networks:
+            net = unwrap(self.method.networks[name])
+            checkpoint.save_weights(net, self.ckpt_dir / f"{name}-last", self._meta(name, epoch))
+            if is_best:
+                checkpoint.save_weights(net, self.ckpt_dir / f"{name}-best", self._meta(name, epoch))
+        checkpoint.save_train_state(self.ckpt_dir, self._state(epoch))
+
+    def _state(self, epoch: int) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "epoch": epoch + 1, "step": self.step, "history": self.history,
+            "method": self.method.state_dict(),
+            "optimizers": {k: v.state_dict() for k, v in self.method.optimizers.items()},
+            "schedulers": {k: v.state_dict() for k, v in self.method.schedulers.items()},
+            "rng_cpu": torch.get_rng_state(),
+            "config_hash": self.recipe.config_hash(),
+        }
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def _restore(self) -> bool:
+        state = checkpoint.load_train_state(self.ckpt_dir)
+        if state is None:
+            return False
+        self.method.load_state_dict(state["method"])
+        for key, optimizer in self.method.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][key])
+        for key, scheduler in self.method.schedulers.items():
+            scheduler.load_state_dict(state["schedulers"][key])
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.start_epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
+        return True
+
+    # -- results ----------------------------------------------------------------------------------
+    def _best_row(self) -> dict[str, Any]:
+        key = f"{self.recipe.train.eval_split}_top1"
+        evaluated = [row for row in self.history if key in row]
+        return max(evaluated, key=lambda row: row[key])  # first of equals: max keeps the earliest
+
+    def _summary(self, seconds: float) -> RunSummary:
+        split = self.recipe.train.eval_split
+        best, last = self._best_row(), self.history[-1]
+        names = list(self.method.networks)
+        results = []
+        for name in names + (["ensemble"] if len(names) > 1 else []):
+            suffix = "" if name == names[0] else f"_{name}"
+            net = self.method.networks[name] if name in self.method.networks else None
+            results.append(NetworkResult(
+                network=name,
+                arch=getattr(unwrap(net), "kdcli_arch", "") if net is not None else "+".join(names),
+                best_epoch=int(best["epoch"]),
+                best_top1=best[f"{split}_top1{suffix}"],
+                last_top1=last[f"{split}_top1{suffix}"],
+                test_top1_at_best=best.get(f"test_top1{suffix}") if split != "test" else None,
+                test_top1_last=last.get(f"test_top1{suffix}") if split != "test" else None,
+                checkpoint=str(self.ckpt_dir / f"{name}-best.safetensors") if net is not None else "",
+            ))
+        rates = [row["images_per_s"] for row in self.history]
+        return RunSummary(self.stage, results, seconds, sum(rates) / len(rates), self.dir)

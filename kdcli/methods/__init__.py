@@ -1,0 +1,48 @@
+"""Registry of training methods: ``kdcli list methods`` and ``method.name`` in recipes."""
+
+from __future__ import annotations
+
+from kdcli.errors import UserError
+from kdcli.methods.base import Batch, Method, StepInfo, StepOutput, check_weights, params_table, parse_params
+from kdcli.recipes import MethodConfig
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    _load_builtin()
+    if name not in METHODS:
+        raise UserError(f"unknown method '{name}'; choose one of {', '.join(sorted(METHODS))} (see `kdcli list methods`)")
+    return METHODS[name]
+
+
+def validate_method_config(cfg: MethodConfig, source: str) -> None:
+    try:
+        cls = get_method(cfg.name)
+    except UserError as err:
+        raise UserError(f"recipe {source}: 'method.name': {err}") from None
+    parse_params(cls, cfg.params, source)
+    check_weights(cls, cfg.weights, source)
+
+
+def describe_methods() -> list[dict[str, str]]:
+    _load_builtin()
+    return [
+        {"method": name, "summary": cls.summary, "loss terms (default weight)":
+            ", ".join(f"{k}={v:g}" for k, v in cls.default_weights.items()), "params": params_table(cls)}
+        for name, cls in sorted(METHODS.items())
+    ]
+
+
+def _load_builtin() -> None:
+    """Import the built-in method modules (each registers itself)."""
+    from kdcli.methods import logit  # noqa: F401
+
+
+__all__ = ["Batch", "Method", "StepInfo", "StepOutput", "METHODS", "register", "get_method",
+           "validate_method_config", "describe_methods"]

@@ -1,0 +1,287 @@
+"""Typed recipes: YAML files validated into dataclasses, with ``--set key.path=value`` overrides.
+
+A recipe is data, not code. Every key is checked on load: an unknown key, a wrong type or a bad value
+raises :class:`~kdcli.errors.UserError` with one line naming the key and the file. A recipe may start
+from another one with ``base: <name>``; its keys are merged over the base's, recursively.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kdcli.errors import UserError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class DataConfig:
+    """Dataset, splits and per-sample augmentation (see :class:`kdcli.data.DataSpec`)."""
+
+    dataset: Literal["synthetic", "cifar10", "cifar100", "imagefolder"] = "synthetic"
+    root: str = "~/.cache/kdcli/data"
+    download: bool = False
+    val_fraction: float = 0.0
+    image_size: int = 32
+    crop_padding: int = 4
+    hflip: bool = True
+    num_classes: int = 20
+    train_size: int = 10000
+    test_size: int = 2000
+    data_seed: int = 0
+    num_workers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """A network by zoo or timm name, optionally initialised from a checkpoint."""
+
+    arch: str = "resnet8"
+    checkpoint: str | None = None
+
+
+@dataclass
+class MethodConfig:
+    """The distillation method, the weights of its named loss terms and its own hyper-parameters.
+
+    The total loss is ``sum_i weights[i] * term_i``; ``params`` is validated by the method itself.
+    """
+
+    name: str = "ce"
+    weights: dict[str, float] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, stepped once per epoch."""
+
+    name: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 240
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    eval_every: int = 1
+    eval_split: Literal["val", "test"] = "test"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False
+    baseline: bool = False
+
+
+@dataclass
+class Recipe:
+    """A complete, resolved experiment description."""
+
+    name: str = "unnamed"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig | None = None
+    student: ModelConfig | None = None
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    paper_top1: float | None = None
+    paper_source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        """Short, stable hash of the resolved recipe (provenance column in results.csv)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def recipes_dir() -> Path:
+    """The shipped recipes: ``recipes/`` in a source checkout, ``kdcli/_recipes`` in a wheel."""
+    for candidate in (PACKAGE_DIR / "_recipes", PACKAGE_DIR.parent / "recipes"):
+        if candidate.is_dir() and any(candidate.glob("*.yaml")):
+            return candidate
+    raise UserError("no recipes directory found; reinstall kdcli (pip install -e .)")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """Resolve a recipe name (``quickstart``) or a YAML path."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"recipe file {path} does not exist; give a path to a YAML file or a name from `kdcli list recipes`")
+        return path
+    shipped = recipes_dir() / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        import difflib
+
+        close = difflib.get_close_matches(name_or_path, list_recipes(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"unknown recipe '{name_or_path}'{hint}; see `kdcli list recipes` or pass a YAML path")
+    return shipped
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Load, merge with its ``base`` chain, apply ``key.path=value`` overrides and validate."""
+    path = find_recipe(name_or_path)
+    raw = _load_with_bases(path, seen=())
+    raw.setdefault("name", path.stem)
+    for override in overrides or []:
+        _apply_override(raw, override)
+    source = str(path) + (" with --set overrides" if overrides else "")
+    recipe = _build(Recipe, raw, "", source)
+    _validate(recipe, source)
+    return recipe
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if path in seen:
+        raise UserError(f"recipe {path}: 'base' chain loops back to itself; remove the cycle")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"recipe {path}{where}: not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {path}: top level must be a mapping of keys, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    parent = _load_with_bases(find_recipe(str(base)), seen + (path,))
+    parent.pop("name", None)
+    parent.pop("description", None)
+    parent.pop("paper_top1", None)
+    parent.pop("paper_source", None)
+    return _merge(parent, raw)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "weights":
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set '{override}': expected key.path=value, e.g. --set train.epochs=10")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set '{override}': '{part}' is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = text
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    """Construct dataclass ``cls`` from ``raw``, checking every key and type."""
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise UserError(f"recipe {source}: unknown key '{prefix}{unknown[0]}'; allowed: {', '.join(sorted(names))}")
+    values = {name: _coerce(hints[name], raw[name], f"{prefix}{name}", source) for name in raw}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", source)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key, source)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"recipe {source}: '{key}' must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"recipe {source}: '{key}' must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"recipe {source}: '{key}' must be a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
+    return _scalar(hint, value, key, source)
+
+
+def _scalar(hint: Any, value: Any, key: str, source: str) -> Any:
+    if hint is Any:
+        return value
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[hint]
+    if not ok:
+        raise UserError(f"recipe {source}: '{key}' must be {hint.__name__}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def _validate(recipe: Recipe, source: str) -> None:
+    """Value checks that types alone cannot express."""
+    checks = [
+        (recipe.train.epochs >= 1, "train.epochs", "must be >= 1"),
+        (recipe.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
+        (recipe.train.eval_every >= 1, "train.eval_every", "must be >= 1"),
+        (recipe.optim.lr > 0, "optim.lr", "must be > 0"),
+        (recipe.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+        (0.0 <= recipe.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)"),
+        (recipe.data.num_classes >= 2, "data.num_classes", "must be >= 2"),
+        (recipe.train.eval_split == "test" or recipe.data.val_fraction > 0, "train.eval_split",
+         "is 'val' but data.val_fraction is 0; set data.val_fraction (e.g. 0.1)"),
+        (all(m >= 0 for m in recipe.schedule.milestones), "schedule.milestones", "must be >= 0"),
+    ]
+    for ok, key, problem in checks:
+        if not ok:
+            raise UserError(f"recipe {source}: '{key}' {problem}")
+    from kdcli.methods import validate_method_config
+
+    validate_method_config(recipe.method, source)

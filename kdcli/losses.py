@@ -1,0 +1,291 @@
+"""Logit-distillation losses as pure functions, in the style of ``torch.nn.functional``.
+
+Every function takes student logits ``(B, K)`` and teacher logits ``(B, K)`` and returns a scalar
+tensor. Conventions shared by all of them:
+
+* Gradients flow into the student logits only: teacher logits are detached inside, so targets and
+  weights built from the teacher are constants.
+* Probabilities are handled in log space (``log_softmax`` / ``logsumexp``), so nothing takes log(0)
+  and logits of magnitude 1e4 stay finite in float32.
+* Half-precision inputs (bfloat16/float16, e.g. logits produced under ``torch.autocast``) are
+  upcast to float32 before any softmax, and the loss is returned in float32. float64 inputs stay
+  float64 (used by the gradient checks).
+
+Notation in the docstrings: σ is the softmax over classes, s and t are student and teacher logits of
+one sample, KL(p ‖ q) = Σ_k p_k · (log p_k − log q_k), and mean_b averages over the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["kd", "ttm", "wttm", "dkd", "dkd_parts", "dist"]
+
+DIST_EPS = 1e-8
+"""Added to the product of norms in DIST's Pearson correlation (the DIST code's convention)."""
+
+
+def _working_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Common floating dtype of the inputs, at least float32 (softmax in bf16 loses ~3 digits)."""
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:
+        return torch.float32
+    return dtype
+
+
+def _prepare(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check shapes, detach the teacher and cast both to the working dtype."""
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student and teacher logits must both have shape (batch, classes); got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    dtype = _working_dtype(student_logits, teacher_logits)
+    return student_logits.to(dtype), teacher_logits.detach().to(dtype)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _kl_per_sample(log_target: torch.Tensor, log_pred: torch.Tensor) -> torch.Tensor:
+    """Σ_k p_k (log p_k − log q_k) over the last dim, from log-probabilities; shape (B,).
+
+    Entries with p_k = exp(log p_k) underflowing to 0 contribute exactly 0, because both log terms
+    are finite.
+    """
+    return (log_target.exp() * (log_target - log_pred)).sum(dim=-1)
+
+
+def kd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0
+) -> torch.Tensor:
+    """Hinton KD loss with temperature applied to both sides (RepDistiller's ``DistillKL``).
+
+    L = T² · mean_b KL(σ(t/T) ‖ σ(s/T))
+
+    Args:
+        student_logits: (B, K) student logits s; receives the gradient.
+        teacher_logits: (B, K) teacher logits t; detached.
+        temperature: T > 0.
+
+    Returns:
+        Scalar: the per-sample KL summed over classes, averaged over the batch, times T².
+    """
+    _check_positive("temperature", temperature)
+    student, teacher = _prepare(student_logits, teacher_logits)
+    log_teacher = F.log_softmax(teacher / temperature, dim=-1)
+    log_student = F.log_softmax(student / temperature, dim=-1)
+    return temperature**2 * _kl_per_sample(log_teacher, log_student).mean()
+
+
+def _ttm_parts(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample KL(p̂ ‖ σ(s)) and per-sample log U = log Σ_j p_j^γ, both of shape (B,)."""
+    _check_positive("gamma", gamma)
+    student, teacher = _prepare(student_logits, teacher_logits)
+    # Softmax first, then the power, as in the authors' code; in log space the power is a product,
+    # so teacher probabilities that underflow in float32 still get their (larger) power p^γ.
+    log_powered = gamma * F.log_softmax(teacher, dim=-1)
+    log_u = torch.logsumexp(log_powered, dim=-1)
+    log_target = log_powered - log_u.unsqueeze(-1)
+    kl = _kl_per_sample(log_target, F.log_softmax(student, dim=-1))
+    return kl, log_u
+
+
+def ttm(student_logits: torch.Tensor, teacher_logits: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Transformed Teacher Matching (Zheng & Yang, ICLR 2024, eq. 2), the distillation term only.
+
+    p = σ(t),  p̂_k = p_k^γ / Σ_j p_j^γ   (equal to σ(γ·t), i.e. temperature T = 1/γ)
+    L = mean_b KL(p̂ ‖ σ(s))
+
+    The temperature is applied to the teacher only; the student uses its plain T = 1 softmax and
+    there is no T² factor. log p̂ is computed as log_softmax(γ · log_softmax(t)).
+
+    Args:
+        student_logits: (B, K) student logits s; receives the gradient.
+        teacher_logits: (B, K) teacher logits t; detached.
+        gamma: γ > 0 (γ < 1 smooths the teacher, γ = 1 leaves it unchanged).
+
+    Returns:
+        Scalar: the per-sample KL summed over classes, averaged over the batch.
+    """
+    kl, _ = _ttm_parts(student_logits, teacher_logits, gamma)
+    return kl.mean()
+
+
+def wttm(student_logits: torch.Tensor, teacher_logits: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Weighted TTM (Zheng & Yang, ICLR 2024, eq. 23), the distillation term only.
+
+    p = σ(t),  U = Σ_j p_j^γ,  p̂_k = p_k^γ / U
+    L = mean_b U · KL(p̂ ‖ σ(s))
+
+    U is the power sum of the untransformed teacher softmax, computed as
+    exp(logsumexp(γ · log σ(t))). As in the authors' code it is not normalised over the batch; it
+    lies in [1, K^(1−γ)] for 0 < γ < 1, equals 1 at γ = 1 and carries no gradient.
+
+    Args:
+        student_logits: (B, K) student logits s; receives the gradient.
+        teacher_logits: (B, K) teacher logits t; detached.
+        gamma: γ > 0.
+
+    Returns:
+        Scalar: the U-weighted per-sample KL, averaged over the batch.
+    """
+    kl, log_u = _ttm_parts(student_logits, teacher_logits, gamma)
+    return (log_u.exp() * kl).mean()
+
+
+def _non_target_index(target: torch.Tensor, classes: int) -> torch.Tensor:
+    """(B, K−1) column indices of every class except each row's target, in increasing order.
+
+    Built arithmetically (no boolean indexing) so it needs no host-device synchronisation.
+    """
+    columns = torch.arange(classes - 1, device=target.device).expand(target.shape[0], -1)
+    return columns + (columns >= target.unsqueeze(-1)).long()
+
+
+def _split_target(
+    logits: torch.Tensor, target: torch.Tensor, non_target_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log binary distribution log [p_target, 1 − p_target], shape (B, 2), and the non-target
+    logits, shape (B, K−1), where p = σ(logits).
+
+    1 − p_target is taken as exp(logsumexp(non-target logits) − logsumexp(all logits)), which stays
+    finite when p_target rounds to 1.
+    """
+    log_normaliser = torch.logsumexp(logits, dim=-1)
+    non_target_logits = logits.gather(-1, non_target_index)
+    log_p_target = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - log_normaliser
+    log_p_rest = torch.logsumexp(non_target_logits, dim=-1) - log_normaliser
+    return torch.stack([log_p_target, log_p_rest], dim=-1), non_target_logits
+
+
+def dkd_parts(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float = 4.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of Decoupled KD (Zhao et al., CVPR 2022), each T²-scaled and batch-averaged.
+
+    With p = σ(t/T), q = σ(s/T) and y the target class:
+        b^p = [p_y, 1 − p_y],  b^q = [q_y, 1 − q_y]
+        p̃_k = p_k / (1 − p_y),  q̃_k = q_k / (1 − q_y)  for k ≠ y  (σ over the non-target logits)
+        TCKD = T² · mean_b KL(b^p ‖ b^q)
+        NCKD = T² · mean_b KL(p̃ ‖ q̃)
+    so that per sample KL(p ‖ q) = KL(b^p ‖ b^q) + (1 − p_y) · KL(p̃ ‖ q̃).
+
+    The target column is removed by a gather (not masked with a finite constant) before the
+    non-target softmax:
+    a finite mask such as −1000 stops working once |logits|/T exceeds it, and −inf would give
+    0 · (−inf) = NaN inside the KL.
+
+    Args:
+        student_logits: (B, K) student logits s, K ≥ 2; receives the gradient.
+        teacher_logits: (B, K) teacher logits t; detached.
+        target: (B,) integer class labels in [0, K) (not range-checked here, which would force a
+            device synchronisation; torch.gather rejects out-of-range labels).
+        temperature: T > 0.
+
+    Returns:
+        (TCKD, NCKD): two scalars.
+    """
+    _check_positive("temperature", temperature)
+    student, teacher = _prepare(student_logits, teacher_logits)
+    if target.shape != student.shape[:1]:
+        raise ValueError(
+            f"target must have shape ({student.shape[0]},), got {tuple(target.shape)}"
+        )
+    if student.shape[1] < 2:
+        raise ValueError("DKD needs at least 2 classes")
+    target = target.long()
+    non_target_index = _non_target_index(target, student.shape[1])
+    binary_student, rest_student = _split_target(student / temperature, target, non_target_index)
+    binary_teacher, rest_teacher = _split_target(teacher / temperature, target, non_target_index)
+    tckd = _kl_per_sample(binary_teacher, binary_student).mean()
+    nckd = _kl_per_sample(
+        F.log_softmax(rest_teacher, dim=-1), F.log_softmax(rest_student, dim=-1)
+    ).mean()
+    return temperature**2 * tckd, temperature**2 * nckd
+
+
+def dkd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+) -> torch.Tensor:
+    """Decoupled KD loss: L = α · TCKD + β · NCKD (see :func:`dkd_parts` for the two terms).
+
+    Args:
+        student_logits: (B, K) student logits; receives the gradient.
+        teacher_logits: (B, K) teacher logits; detached.
+        target: (B,) integer class labels.
+        alpha: weight α of the target-class term.
+        beta: weight β of the non-target-class term (8 is the usual CIFAR-100 value).
+        temperature: T > 0.
+
+    Returns:
+        Scalar: α · TCKD + β · NCKD, each T²-scaled and averaged over the batch.
+    """
+    tckd, nckd = dkd_parts(student_logits, teacher_logits, target, temperature)
+    return alpha * tckd + beta * nckd
+
+
+def _mean_pearson_of_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the Pearson correlation between row i of a and row i of b.
+
+    ρ(x, y) = ⟨x − x̄, y − ȳ⟩ / (‖x − x̄‖ · ‖y − ȳ‖ + ε), ε = 1e-8.
+    """
+    a_centred = a - a.mean(dim=-1, keepdim=True)
+    b_centred = b - b.mean(dim=-1, keepdim=True)
+    covariance = (a_centred * b_centred).sum(dim=-1)
+    norms = a_centred.norm(dim=-1) * b_centred.norm(dim=-1)
+    return (covariance / (norms + DIST_EPS)).mean()
+
+
+def dist(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    tau: float = 4.0,
+) -> torch.Tensor:
+    """DIST relation loss (Huang et al., NeurIPS 2022), with the DIST code's conventions.
+
+    With Y_s = σ(s/τ) and Y_t = σ(t/τ) as (B, K) matrices and ρ the Pearson correlation
+    (cosine of mean-centred vectors, ε = 1e-8 added to the product of norms):
+        inter = τ² · (1 − mean_b ρ(Y_s[b, :], Y_t[b, :]))   correlation across classes
+        intra = τ² · (1 − mean_k ρ(Y_s[:, k], Y_t[:, k]))   correlation across the batch
+        L = β · inter + γ · intra
+
+    Unlike the other losses here, the intra term couples the samples of a batch, so the loss is not
+    a mean of independent per-sample terms (and with B = 1 the intra term is the constant τ²).
+
+    Args:
+        student_logits: (B, K) student logits s; receives the gradient.
+        teacher_logits: (B, K) teacher logits t; detached.
+        beta: weight β of the inter-class term.
+        gamma: weight γ of the intra-class term.
+        tau: temperature τ > 0.
+
+    Returns:
+        Scalar: β · inter + γ · intra.
+    """
+    _check_positive("tau", tau)
+    student, teacher = _prepare(student_logits, teacher_logits)
+    probs_student = F.softmax(student / tau, dim=-1)
+    probs_teacher = F.softmax(teacher / tau, dim=-1)
+    inter = 1.0 - _mean_pearson_of_rows(probs_student, probs_teacher)
+    intra = 1.0 - _mean_pearson_of_rows(probs_student.T, probs_teacher.T)
+    return tau**2 * (beta * inter + gamma * intra)

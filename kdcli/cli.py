@@ -24,7 +24,8 @@ list_app = typer.Typer(no_args_is_help=True, help="List recipes, models or metho
 app.add_typer(list_app, name="list")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (images/s and speed-up ratios measured in one run).")
 app.add_typer(bench_app, name="bench")
-console = Console()
+# Tables in pipes and CI logs should not be squeezed to 80 columns; a terminal keeps its own width.
+console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
 RecipeOpt = typer.Option(..., "--recipe", "-r", help="Recipe name (see `kdcli list recipes`) or YAML path.")
@@ -84,21 +85,42 @@ def _context(recipe, out: Optional[Path], device: str, seed: int, smoke: bool, r
                       max_steps=SMOKE_STEPS if smoke else None, resume=resume, dist=dist)
 
 
-def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smoke, resume) -> None:
+def _parse_seeds(seed: int, seeds: Optional[str]) -> list[int]:
+    if seeds is None:
+        return [seed]
+    try:
+        parsed = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds '{seeds}': expected comma-separated integers, e.g. --seeds 0,1,2") from None
+    if not parsed or len(set(parsed)) != len(parsed):
+        raise UserError(f"--seeds '{seeds}': give distinct integers, e.g. --seeds 0,1,2")
+    return parsed
+
+
+def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smoke, resume, seeds=None) -> None:
+    """Run the recipe once per seed (each in its own sub-directory when there are several)."""
     from kdcli.engine import pipeline
+    from kdcli.engine.io import write_csv
 
     resolved = _load(recipe, overrides, smoke)
+    seed_list = _parse_seeds(seed, seeds)
     if dry_run:
         console.print(resolved.to_yaml(), highlight=False, markup=False)
         return
-    ctx = _context(resolved, out, device, seed, smoke, resume, command)
-    started = time.perf_counter()
+    ctx = _context(resolved, out, device, seed_list[0], smoke, resume, command)
     run = pipeline.train_teacher if command == "train-teacher" else pipeline.distill
-    summaries = run(resolved, ctx, smoke)
-    outcome = pipeline.write_results(summaries, resolved, ctx, time.perf_counter() - started)
+    frames = []
+    for s in seed_list:
+        seed_ctx = ctx if len(seed_list) == 1 else dataclasses.replace(ctx, seed=s, out_dir=ctx.out_dir / f"seed-{s}")
+        started = time.perf_counter()
+        summaries = run(resolved, seed_ctx, smoke)
+        frames.append(pipeline.write_results(summaries, resolved, seed_ctx, time.perf_counter() - started).results)
+    frame = frames[0] if len(frames) == 1 else pipeline.with_seed_summary(pd.concat(frames, ignore_index=True))
+    path = ctx.out_dir / "results.csv"
     if ctx.dist.is_main:
-        _print_results(outcome.results, f"{resolved.name}{' (smoke)' if smoke else ''}")
-        console.print(f"results: {outcome.results_path}")
+        write_csv(path, frame)
+        _print_results(frame, f"{resolved.name}{' (smoke)' if smoke else ''}")
+        console.print(f"results: {path}")
 
 
 def _print_results(frame: pd.DataFrame, title: str) -> None:
@@ -106,9 +128,15 @@ def _print_results(frame: pd.DataFrame, title: str) -> None:
     table = Table(title=title)
     for column in ("stage", "network", "arch", f"best {split} top1", "best epoch", f"last {split} top1", "time", "img/s"):
         table.add_column(column, justify="right" if column[0] in "blti" else "left")
+    if "best_top1_std" in frame:
+        table.add_column("seed")
     for row in frame.itertuples():
-        table.add_row(row.stage, row.network, row.arch, f"{row.best_top1:.2f}", str(row.best_epoch),
-                      f"{row.last_top1:.2f}", f"{row.stage_seconds:.0f}s", f"{row.images_per_s:.0f}")
+        mean = "best_top1_std" in frame and row.seed == "mean"
+        best = f"{row.best_top1:.2f}" + (f" ± {row.best_top1_std:.2f}" if mean else "")
+        last = f"{row.last_top1:.2f}" + (f" ± {row.last_top1_std:.2f}" if mean else "")
+        cells = [row.stage, row.network, row.arch, best, "" if mean else str(row.best_epoch), last,
+                 f"{row.stage_seconds:.0f}s", f"{row.images_per_s:.0f}"]
+        table.add_row(*cells, *([str(row.seed)] if "best_top1_std" in frame else []))
     console.print(table)
 
 
@@ -125,9 +153,10 @@ def train_teacher(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt, o
 @friendly
 def distill(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
             device: str = DeviceOpt, seed: int = SeedOpt, dry_run: bool = DryOpt, smoke: bool = SmokeOpt,
-            resume: bool = ResumeOpt) -> None:
+            resume: bool = ResumeOpt,
+            seeds: Optional[str] = typer.Option(None, "--seeds", help="Run once per seed, e.g. 0,1,2; adds mean ± std rows.")) -> None:
     """Distil the recipe's student from its teacher (training the teacher first if no checkpoint is given)."""
-    _train("distill", recipe, set_, out, device, seed, dry_run, smoke, resume)
+    _train("distill", recipe, set_, out, device, seed, dry_run, smoke, resume, seeds)
 
 
 # -- evaluate / export ----------------------------------------------------------------------------
@@ -159,8 +188,8 @@ def evaluate(checkpoints: List[Path] = typer.Argument(..., help="One or more che
 def export(checkpoint: Path = typer.Argument(..., help="Checkpoint to export (.safetensors or .pth)."),
            out: Path = typer.Option(Path("export"), "--out", "-o", help="Output directory."),
            arch: Optional[str] = typer.Option(None, help="Architecture for .pth files without a sidecar."),
-           formats: str = typer.Option("safetensors,torchscript,onnx", "--formats",
-                                       help="Comma-separated: safetensors, torchscript, onnx."),
+           formats: str = typer.Option("auto", "--formats", help="Comma-separated: safetensors, torchscript, "
+                                       "onnx; auto = all three when the onnx extra is installed, else the first two."),
            image_size: Optional[int] = typer.Option(None, help="Input size (default: from the sidecar, else 32)."),
            seed: int = SeedOpt) -> None:
     """Export a network; every export is loaded back and compared with the PyTorch model."""
@@ -199,10 +228,9 @@ def list_recipes() -> None:
     rows = []
     for name in names():
         r = load_recipe(name)
-        rows.append({"recipe": name, "dataset": r.data.dataset, "teacher": r.teacher.arch if r.teacher else "",
+        rows.append({"recipe": name, "teacher": r.teacher.arch if r.teacher else "",
                      "student": r.student.arch if r.student else "", "method": r.method.name, "epochs": r.train.epochs,
-                     "paper top1": "" if r.paper_top1 is None else f"{r.paper_top1:.2f}",
-                     "description": r.description})
+                     "paper top1": "" if r.paper_top1 is None else f"{r.paper_top1:.2f}"})
     _print_frame(pd.DataFrame(rows), "recipes")
 
 

@@ -51,9 +51,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def smoke_recipe(recipe: Recipe) -> Recipe:
-    """The same recipe shrunk to a few steps: one epoch, small batches."""
+    """The same recipe shrunk to a few steps: one epoch, small batches, evaluated on the smoke test split."""
     train = dataclasses.replace(recipe.train, epochs=1, batch_size=min(recipe.train.batch_size, SMOKE_BATCH),
-                                eval_batch_size=min(recipe.train.eval_batch_size, 2 * SMOKE_BATCH))
+                                eval_batch_size=min(recipe.train.eval_batch_size, 2 * SMOKE_BATCH), eval_split="test")
     return dataclasses.replace(recipe, train=train)
 
 
@@ -96,11 +96,18 @@ def load_teacher(path: str, arch: str, num_classes: int, smoke: bool, console) -
 
 
 def run_stage(stage: str, method_name: str, networks: dict[str, str], teacher: nn.Module | None,
-              recipe: Recipe, data: DataBundle, ctx: RunContext) -> RunSummary:
-    """Train ``networks`` (name -> arch) with one method inside ``out_dir/stage``."""
+              recipe: Recipe, data: DataBundle, ctx: RunContext, only: str | None = None) -> RunSummary:
+    """Train ``networks`` (name -> arch) with one method inside ``out_dir/stage``.
+
+    ``only`` trains just that one of ``networks`` (the baseline of a multi-network method): all are still
+    built in order, so it starts from the weights it gets in the method's stage, and two baselines of
+    the same architecture are different runs.
+    """
     torch.manual_seed(ctx.seed)  # identical initial weights for the same seed, whatever ran before
     built = {name: build_network(arch, data.num_classes, recipe.train.channels_last).to(ctx.device)
              for name, arch in networks.items()}
+    if only is not None:
+        built = {only: built[only]}
     built = {name: wrap(net, ctx.dist) for name, net in built.items()}
     stage_recipe = recipe if method_name == recipe.method.name else dataclasses.replace(
         recipe, method=dataclasses.replace(recipe.method, name=method_name, weights={}, params={}))
@@ -132,9 +139,9 @@ def distill(recipe: Recipe, ctx: RunContext, smoke: bool) -> list[RunSummary]:
         teacher = load_teacher(path, recipe.teacher.arch, data.num_classes, smoke, ctx.console).to(ctx.device)
     networks = method_cls.networks_for(recipe)
     if recipe.train.baseline:
-        for name, arch in networks.items():
+        for name in networks:
             stage = "baseline" if len(networks) == 1 else f"baseline-{name}"
-            summaries.append(run_stage(stage, "ce", {name: arch}, None, recipe, data, ctx))
+            summaries.append(run_stage(stage, "ce", networks, None, recipe, data, ctx, only=name))
     summaries.append(run_stage(recipe.method.name, recipe.method.name, networks, teacher, recipe, data, ctx))
     return summaries
 
@@ -164,6 +171,20 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def with_seed_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per-seed rows plus one ``mean`` row per (stage, network): best- and last-epoch accuracy ± std."""
+    metrics = ["best_top1", "last_top1", "test_top1_at_best", "test_top1_last"]
+    rows = []
+    for (stage, network), group in frame.groupby(["stage", "network"], sort=False):
+        row = group.iloc[0].to_dict() | {"seed": "mean", "best_epoch": None, "checkpoint": ""}
+        for column in metrics:
+            values = pd.to_numeric(group[column], errors="coerce")
+            row[column] = values.mean()
+            row[f"{column}_std"] = values.std(ddof=1) if len(values) > 1 else 0.0
+        rows.append(row)
+    return pd.concat([frame, pd.DataFrame(rows)], ignore_index=True)
 
 
 @dataclass

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny recipes on the built-in dataset that train in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = """
+name: tiny
+data: {{dataset: synthetic, num_classes: 20, train_size: 320, test_size: 80, val_fraction: 0.25, data_seed: 3}}
+teacher: {{arch: resnet8}}
+student: {{arch: resnet8}}
+method: {{name: {method}}}
+optim: {{name: sgd, lr: 0.05}}
+schedule: {{name: multistep, milestones: [1]}}
+train: {{epochs: {epochs}, batch_size: 32, eval_batch_size: 64, eval_split: val, baseline: {baseline}}}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path):
+    """Write a tiny recipe and return its path; keyword args fill method/epochs/baseline."""
+
+    def make(method: str = "kd", epochs: int = 2, baseline: bool = False, name: str = "tiny.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(TINY.format(method=method, epochs=epochs, baseline=str(baseline).lower()))
+        return path
+
+    return make

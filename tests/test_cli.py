@@ -1,0 +1,163 @@
+"""Every CLI command end to end on tiny data, plus the README's two set-up commands."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from kdcli.cli import app
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory) -> Path:
+    """One tiny distill run (teacher trained first, baseline, KD) shared by the tests below."""
+    base = tmp_path_factory.mktemp("cli")
+    recipe = base / "tiny.yaml"
+    recipe.write_text(TINY.format(method="kd", epochs=1, baseline="true"))
+    out = base / "run"
+    result = invoke("distill", "--recipe", recipe, "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_distill_trains_teacher_baseline_and_student(distilled: Path) -> None:
+    frame = pd.read_csv(distilled / "results.csv")
+    assert list(frame["stage"]) == ["teacher", "baseline", "kd"]
+    assert list(frame["arch"]) == ["resnet8"] * 3
+    assert frame["best_top1"].between(0, 100).all() and frame["test_top1_at_best"].notna().all()
+    assert {"config_hash", "torch", "timm", "kdcli", "device", "seed", "wall_seconds"} <= set(frame)
+    history = pd.read_csv(distilled / "kd/history.csv")
+    assert {"ce", "kd", "loss"} <= set(history)
+    assert (distilled / "recipe.yaml").is_file()
+
+
+def test_existing_output_is_never_overwritten(distilled: Path, tiny_recipe) -> None:
+    before = (distilled / "results.csv").read_bytes()
+    result = invoke("distill", "--recipe", tiny_recipe(), "--out", distilled)
+    assert result.exit_code == 2 and "not empty" in result.output
+    assert (distilled / "results.csv").read_bytes() == before
+
+
+def test_resume_of_a_finished_run_retrains_nothing(distilled: Path, tiny_recipe) -> None:
+    before = pd.read_csv(distilled / "results.csv")
+    weights = load_file(distilled / "kd/checkpoints/student-last.safetensors")
+    recipe = distilled / "recipe.yaml"
+    result = invoke("distill", "--recipe", recipe, "--out", distilled, "--resume", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    after = pd.read_csv(distilled / "results.csv")
+    assert list(after["best_top1"]) == list(before["best_top1"])
+    again = load_file(distilled / "kd/checkpoints/student-last.safetensors")
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
+def test_evaluate_with_teacher_and_logits(distilled: Path, tmp_path: Path) -> None:
+    student = distilled / "kd/checkpoints/student-best.safetensors"
+    teacher = distilled / "teacher/checkpoints/teacher-best.safetensors"
+    logits = tmp_path / "logits.safetensors"
+    result = invoke("evaluate", student, teacher, "--recipe", distilled / "recipe.yaml", "--teacher", teacher,
+                    "--save-logits", logits, "--out", tmp_path, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(tmp_path / "evaluation.csv")
+    assert {"top1", "top5", "nll", "ece", "agreement", "kl_teacher_student"} <= set(frame)
+    assert frame.loc[1, "agreement"] == 100.0 and abs(frame.loc[1, "kl_teacher_student"]) < 1e-9
+    saved = load_file(logits)
+    assert saved["logits.0"].shape == (80, 20) and saved["labels"].shape == (80,)
+    top1 = (saved["logits.0"].argmax(1) == saved["labels"]).double().mean().item() * 100
+    assert top1 == pytest.approx(frame.loc[0, "top1"])
+
+
+def test_export_round_trips(distilled: Path, tmp_path: Path) -> None:
+    student = distilled / "kd/checkpoints/student-best.safetensors"
+    result = invoke("export", student, "--out", tmp_path, "--formats", "safetensors,torchscript")
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(tmp_path / "export.csv")
+    assert list(frame["format"]) == ["safetensors", "torchscript"]
+    assert frame.loc[0, "max_abs_diff"] == 0.0 and frame.loc[1, "max_abs_diff"] < 1e-4
+    assert "max_abs_diff" in result.output or "max abs" in result.output.lower()
+
+
+def test_export_onnx_when_available(distilled: Path, tmp_path: Path) -> None:
+    from kdcli.engine.export import onnx_available
+
+    if not onnx_available():
+        pytest.skip("onnx extra not installed")
+    result = invoke("export", distilled / "kd/checkpoints/student-best.safetensors", "--out", tmp_path,
+                    "--formats", "onnx")
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(tmp_path / "export.csv").loc[0, "max_abs_diff"] < 1e-4
+
+
+def test_train_teacher_and_multi_seed(tiny_recipe, tmp_path: Path) -> None:
+    recipe = tiny_recipe(method="ce", epochs=1)
+    result = invoke("train-teacher", "--recipe", recipe, "--out", tmp_path / "t", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "t/teacher/checkpoints/teacher-best.safetensors").is_file()
+    result = invoke("distill", "--recipe", recipe, "--seeds", "0,1", "--out", tmp_path / "s", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(tmp_path / "s/results.csv")
+    assert list(frame["seed"].astype(str)) == ["0", "1", "mean"]
+    per_seed = frame["best_top1"][:2].astype(float)
+    assert float(frame["best_top1"][2]) == pytest.approx(per_seed.mean())
+    assert float(frame["best_top1_std"][2]) == pytest.approx(per_seed.std(ddof=1))
+
+
+def test_dry_run_prints_the_resolved_recipe(tmp_path: Path) -> None:
+    result = invoke("distill", "--recipe", "cifar100-resnet", "--set", "train.epochs=7", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "epochs: 7" in result.output and "resnet8x4" in result.output
+
+
+def test_smoke_runs_the_real_cifar100_protocol(tmp_path: Path) -> None:
+    result = invoke("distill", "--recipe", "cifar100-resnet", "--smoke", "--out", tmp_path / "o", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(tmp_path / "o/results.csv")
+    assert list(frame["arch"]) == ["resnet8x4"]
+    assert load_file(tmp_path / "o/kd/checkpoints/student-last.safetensors")["fc.weight"].shape == (100, 256)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["distill", "--recipe", "no-such-recipe"], "unknown recipe"),
+    (["distill", "--recipe", "quickstart", "--set", "train.epochs=zero"], "'train.epochs' must be int"),
+    (["distill", "--recipe", "quickstart", "--device", "tpu"], "--device"),
+    (["evaluate", "missing.safetensors", "--recipe", "quickstart"], "does not exist"),
+    (["measure-violations", "--recipe", "quickstart"], "not available yet"),
+    (["distill", "--recipe", "quickstart", "--seeds", "a,b", "--dry-run"], "--seeds"),
+])
+def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str) -> None:
+    result = invoke(*args)
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0]
+
+
+@pytest.mark.parametrize("what, needle", [("recipes", "cifar100-resnet"), ("models", "resnet32x4"), ("methods", "kd")])
+def test_list(what: str, needle: str) -> None:
+    result = invoke("list", what)
+    assert result.exit_code == 0 and needle in result.output
+
+
+def test_readme_has_the_two_setup_commands_and_they_run(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```bash\n(pip install[^\n]*)\n```", readme)
+    assert commands == ['pip install -e . && kdcli distill --recipe quickstart', 'pip install -e ".[dev]" && pytest']
+    ci = (ROOT / ".ci/run").read_text()
+    assert commands[1] in ci
+    # The main job itself (already installed here): run its kdcli part as --smoke to stay fast.
+    kdcli_args = commands[0].split("&& kdcli ")[1].split()
+    result = invoke(*kdcli_args, "--smoke", "--out", tmp_path / "q", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert list(pd.read_csv(tmp_path / "q/results.csv")["stage"]) == ["teacher", "baseline", "kd"]

@@ -1,0 +1,146 @@
+"""Engine: bit-exact resume, atomic writes, checkpoints, schedules, metrics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from kdcli.engine import pipeline
+from kdcli.engine.checkpoint import load_model, read_state_dict
+from kdcli.engine.io import atomic_write, write_json
+from kdcli.engine.metrics import agreement_metrics, classification_metrics, ensemble_logits, expected_calibration_error
+from kdcli.engine.trainer import RunContext, Trainer
+from kdcli.errors import UserError
+from kdcli.methods.base import build_scheduler
+from kdcli.recipes import ScheduleConfig, load_recipe
+
+
+def _ctx(out: Path, resume: bool = False) -> RunContext:
+    return RunContext(out, torch.device("cpu"), seed=5, console=Console(quiet=True), resume=resume)
+
+
+def test_resume_after_a_kill_is_bit_exact(tiny_recipe, tmp_path, monkeypatch) -> None:
+    recipe = load_recipe(str(tiny_recipe(method="ce", epochs=3)))
+    straight = pipeline.train_teacher(recipe, _ctx(tmp_path / "a"), smoke=False)[0]
+
+    real_epoch = Trainer._train_epoch
+
+    def killed_at_second_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", killed_at_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train_teacher(recipe, _ctx(tmp_path / "b"), smoke=False)
+    monkeypatch.setattr(Trainer, "_train_epoch", real_epoch)
+    resumed = pipeline.train_teacher(recipe, _ctx(tmp_path / "b", resume=True), smoke=False)[0]
+
+    a = load_file(tmp_path / "a/teacher/checkpoints/teacher-last.safetensors")
+    b = load_file(tmp_path / "b/teacher/checkpoints/teacher-last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha, hb = (pd.read_csv(tmp_path / f"{d}/teacher/history.csv") for d in "ab")
+    cols = [c for c in ha.columns if c not in ("seconds", "images_per_s")]
+    pd.testing.assert_frame_equal(ha[cols], hb[cols])
+    assert straight.results[0].best_top1 == resumed.results[0].best_top1
+    assert len(hb) == 3 and list(hb["lr"]) == pytest.approx([0.05, 0.005, 0.005])
+
+
+def test_training_learns_and_writes_history(tiny_recipe, tmp_path) -> None:
+    recipe = load_recipe(str(tiny_recipe(method="ce", epochs=2)))
+    summary = pipeline.train_teacher(recipe, _ctx(tmp_path), smoke=False)[0]
+    history = pd.read_csv(tmp_path / "teacher/history.csv")
+    assert {"epoch", "lr", "ce", "loss", "train_top1", "val_top1", "test_top1", "seconds", "images_per_s"} <= set(history)
+    assert history["loss"].iloc[-1] < math.log(20)  # below chance-level cross-entropy
+    result = summary.results[0]
+    assert result.best_top1 == history["val_top1"].max()
+    assert result.test_top1_at_best == history.loc[history["val_top1"].idxmax(), "test_top1"]
+    best = load_model(result.checkpoint)
+    assert best.kdcli_meta["arch"] == "resnet8" and best.kdcli_meta["num_classes"] == 20
+    assert not best.training
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path) -> None:
+    target = tmp_path / "x.json"
+    write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as handle:
+            handle.write('{"v": 2, "half')
+            raise RuntimeError("crash mid-write")
+    assert target.read_text().strip().startswith('{\n  "v": 1')
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary file left behind
+
+
+def test_load_model_reads_repdistiller_formats_safely(tmp_path) -> None:
+    from kdcli.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("resnet8", num_classes=100).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.save({"model": net.state_dict(), "epoch": 240, "accuracy": 0.7}, tmp_path / "wrapped.pth")
+    torch.save({"module." + k: v for k, v in net.state_dict().items()}, tmp_path / "ddp.pth")
+    for name in ("wrapped.pth", "ddp.pth"):
+        loaded = load_model(tmp_path / name, arch="resnet8")
+        assert torch.equal(loaded(x), net(x))
+    with pytest.raises(UserError, match="pass --arch"):
+        load_model(tmp_path / "wrapped.pth")
+    with pytest.raises(UserError, match="does not match architecture 'resnet20'"):
+        load_model(tmp_path / "wrapped.pth", arch="resnet20")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("arbitrary code ran",))
+
+    torch.save({"model": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(UserError, match="weights_only=True"):
+        read_state_dict(tmp_path / "evil.pth")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("multistep", [1, 1, 0.1, 0.1, 0.01, 0.01]),
+    ("cosine", [1, 0.9330127, 0.75, 0.5, 0.25, 0.0669873]),
+    ("constant", [1] * 6),
+])
+def test_schedules(name: str, expected: list[float]) -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, ScheduleConfig(name=name, milestones=[2, 4], gamma=0.1), epochs=6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(expected, abs=1e-6)
+
+
+def test_warmup_is_linear() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, ScheduleConfig(name="constant", warmup_epochs=4), epochs=6)
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+
+
+def test_metrics_against_hand_computation() -> None:
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 5.0], [2.0, 1.9, 0.0]])
+    labels = torch.tensor([0, 2, 2, 1])
+    m = classification_metrics(logits, labels)
+    assert m["top1"] == 50.0 and m["top5"] == 100.0
+    probs = logits.double().softmax(1)
+    nll = -probs[torch.arange(4), labels].log().mean().item()
+    assert m["nll"] == pytest.approx(nll, rel=1e-12)
+    # one bin: ECE = |accuracy - mean confidence|
+    conf = probs.max(1).values.mean().item()
+    assert expected_calibration_error(logits, labels, bins=1) == pytest.approx(100 * abs(0.5 - conf), rel=1e-9)
+    agree = agreement_metrics(logits, logits)
+    assert agree["agreement"] == 100.0 and abs(agree["kl_teacher_student"]) < 1e-12
+    mixed = ensemble_logits([logits, logits.flip(1)]).softmax(1)
+    assert torch.allclose(mixed, (logits.softmax(1) + logits.flip(1).softmax(1)) / 2, atol=1e-6)

@@ -40,8 +40,13 @@ def describe_methods() -> list[dict[str, str]]:
 
 
 def _load_builtin() -> None:
-    """Import the built-in method modules (each registers itself)."""
-    from kdcli.methods import logit  # noqa: F401
+    """Import every module of this package once; each registers its methods with @register."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")
 
 
 __all__ = ["Batch", "Method", "StepInfo", "StepOutput", "METHODS", "register", "get_method",

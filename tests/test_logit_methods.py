@@ -181,10 +181,11 @@ def test_zero_ce_weight_drops_the_ce_term(nets, batch: Batch) -> None:
     assert list(terms) == ["wttm"]
 
 
-def test_all_zero_weights_are_a_user_error(nets) -> None:
-    student, teacher = nets
-    with pytest.raises(UserError, match="every loss term has weight 0"):
-        make_method("ttm", student, teacher, weights={"ce": 0.0, "ttm": 0.0})
+def test_all_zero_weights_are_rejected_when_the_recipe_loads() -> None:
+    from kdcli.recipes import load_recipe
+
+    with pytest.raises(UserError, match="every term in 'method.weights' is 0"):
+        load_recipe("quickstart-ttm", ["method.weights.ce=0", "method.weights.ttm=0"])
 
 
 # -- DKD warm-up ---------------------------------------------------------------------------------

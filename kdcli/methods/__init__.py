@@ -34,7 +34,8 @@ def describe_methods() -> list[dict[str, str]]:
     _load_builtin()
     return [
         {"method": name, "summary": cls.summary, "loss terms (default weight)":
-            ", ".join(f"{k}={v:g}" for k, v in cls.default_weights.items()), "params": params_table(cls)}
+            ", ".join(f"{k}={v:g}" for k, v in cls.default_weights.items()),
+         "optional terms": ", ".join(cls.optional_terms), "params": params_table(cls)}
         for name, cls in sorted(METHODS.items())
     ]
 

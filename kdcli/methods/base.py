@@ -95,6 +95,7 @@ class Method(nn.Module):
     summary: ClassVar[str] = ""
     Params: ClassVar[type[MethodParams]] = MethodParams
     default_weights: ClassVar[dict[str, float]] = {}
+    optional_terms: ClassVar[tuple[str, ...]] = ()  # further terms a recipe may switch on with a weight
     needs_teacher: ClassVar[bool] = True
 
     def __init__(self, networks: dict[str, nn.Module], teacher: nn.Module | None, recipe: Recipe,
@@ -189,11 +190,15 @@ def parse_params(cls: type[Method], raw: dict[str, Any], source: str = "recipe")
 def check_weights(cls: type[Method], weights: dict[str, float], source: str) -> None:
     from kdcli.errors import UserError
 
-    allowed = set(cls.default_weights) | set(getattr(cls, "optional_terms", ()))
+    allowed = set(cls.default_weights) | set(cls.optional_terms)
     unknown = sorted(set(weights) - allowed)
     if unknown:
         raise UserError(f"recipe {source}: 'method.weights.{unknown[0]}' is not a loss term of method "
                         f"'{cls.name}'; its terms: {', '.join(sorted(allowed))}")
+    merged = {**cls.default_weights, **weights}
+    if merged and not any(merged.values()):
+        raise UserError(f"recipe {source}: every term in 'method.weights' is 0; give at least one of "
+                        f"{', '.join(merged)} a non-zero weight")
 
 
 def params_table(cls: type[Method]) -> str:

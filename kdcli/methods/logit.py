@@ -18,16 +18,15 @@ it. Each computed term is logged unweighted in ``history.csv`` under its own nam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from kdcli import losses
 from kdcli.errors import UserError
 from kdcli.methods import register
 from kdcli.methods.base import Batch, Method, MethodParams, StepInfo
-from kdcli.recipes import Recipe
 
 TermFn = Callable[[Tensor, Tensor | None, Tensor, MethodParams], Tensor]
 
@@ -70,14 +69,6 @@ def _require_positive(params: MethodParams, *names: str) -> None:
 class LogitMethod(Method):
     """Shared implementation: one student forward, one teacher forward if needed, the weighted terms."""
 
-    optional_terms: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, networks: dict[str, nn.Module], teacher: nn.Module | None, recipe: Recipe,
-                 params: MethodParams, num_classes: int) -> None:
-        super().__init__(networks, teacher, recipe, params, num_classes)
-        if not any(self.weights.values()):
-            raise UserError(f"method '{self.name}': every loss term has weight 0; give at least one of "
-                            f"{', '.join(self.weights)} a non-zero weight in method.weights")
 
     def active_terms(self, info: StepInfo) -> list[str]:
         """The terms with a non-zero weight at this step, in the order of ``self.weights``."""

@@ -1,0 +1,23 @@
+"""Data layer: datasets as splits, and loaders that batch, augment and normalise on the target device.
+
+* ``synthetic``: procedurally rendered 32x32 classes (:mod:`kdcli.data.synthetic`), generated in memory.
+* ``cifar10`` / ``cifar100``: torchvision's files, converted once to uint8 tensors.
+* ``imagefolder``: ``root/train`` and ``root/val`` (or ``root/test``) trees, read by DataLoader workers.
+
+Usage::
+
+    bundle = build_data(DataSpec("cifar100", download=True, val_fraction=0.1))
+    loader = make_loader(bundle.train, 64, train=True, device=torch.device("cuda"), seed=0)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for images, labels, indices in loader: ...
+"""
+
+from kdcli.data.build import build_data, smoke_data
+from kdcli.data.folder import FolderSplit
+from kdcli.data.loader import BatchLoader, make_loader
+from kdcli.data.spec import DataBundle, DataSpec, Split
+from kdcli.data.splits import TensorSplit
+
+__all__ = ["BatchLoader", "DataBundle", "DataSpec", "FolderSplit", "Split", "TensorSplit", "build_data",
+           "make_loader", "smoke_data"]

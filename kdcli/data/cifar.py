@@ -1,0 +1,83 @@
+"""CIFAR-10/100 through torchvision, converted once to in-memory uint8 tensors."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.utils import download_and_extract_archive
+
+from kdcli.data.splits import TensorSplit
+from kdcli.errors import UserError
+
+
+@dataclass(frozen=True)
+class CifarInfo:
+    title: str
+    dataset: type[CIFAR10]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+CIFAR = {
+    "cifar10": CifarInfo("CIFAR-10", CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": CifarInfo("CIFAR-100", CIFAR100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def _presence_checked(dataset: type[CIFAR10]) -> type[CIFAR10]:
+    """The torchvision class with its md5 sums dropped: torchvision then only checks that the files exist.
+
+    The archive's md5 is still verified on download; re-hashing ~170 MB on every load buys nothing.
+    """
+    return type(f"PresenceChecked{dataset.__name__}", (dataset,), {
+        "train_list": [[name, None] for name, _ in dataset.train_list],
+        "test_list": [[name, None] for name, _ in dataset.test_list],
+        "meta": {**dataset.meta, "md5": None},
+    })
+
+
+def _missing_files(dataset: type[CIFAR10], root: Path) -> list[str]:
+    names = [name for name, _ in dataset.train_list + dataset.test_list] + [dataset.meta["filename"]]
+    return [name for name in names if not (root / dataset.base_folder / name).is_file()]
+
+
+def _download(info: CifarInfo, root: Path) -> None:
+    try:
+        download_and_extract_archive(info.dataset.url, str(root), filename=info.dataset.filename,
+                                     md5=info.dataset.tgz_md5)
+    except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError; bad md5 is a RuntimeError
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise UserError(f"{info.title} download to {root} failed ({reason}); check the network or put the "
+                        f"extracted files in {root / info.dataset.base_folder}") from error
+
+
+def _read_split(info: CifarInfo, root: Path, train: bool, crop_padding: int,
+                hflip: bool) -> tuple[TensorSplit, list[str]]:
+    try:
+        data = _presence_checked(info.dataset)(str(root), train=train, download=False)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
+        raise UserError(f"{info.title} files under {root / info.dataset.base_folder} are unreadable "
+                        f"({type(error).__name__}: {error}); delete them and download again") from error
+    images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) HWC -> NCHW
+    labels = torch.as_tensor(data.targets, dtype=torch.int64)
+    return TensorSplit(images, labels, info.mean, info.std, crop_padding, hflip), list(data.classes)
+
+
+def load_cifar(name: str, root: str, download: bool, crop_padding: int = 4,
+               hflip: bool = True) -> tuple[TensorSplit, TensorSplit, list[str]]:
+    """(train, test, class names) of ``name`` ('cifar10' or 'cifar100') under ``root`` (``~`` expanded)."""
+    info = CIFAR[name]
+    base = Path(root).expanduser()
+    if download and _missing_files(info.dataset, base):
+        _download(info, base)
+    missing = _missing_files(info.dataset, base)
+    if missing:
+        raise UserError(f"{info.title} not found under {base} (expected {info.dataset.base_folder}/ with "
+                        f"{', '.join(missing)}); pass --set data.download=true or put the extracted files there")
+    train, class_names = _read_split(info, base, True, crop_padding, hflip)
+    test, _ = _read_split(info, base, False, crop_padding, hflip)
+    return train, test, class_names

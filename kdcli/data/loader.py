@@ -1,0 +1,141 @@
+"""Batch loaders: epoch order, sharding, augmentation and normalisation, reproducible from (seed, epoch).
+
+In-memory splits never go through a DataLoader: the uint8 tensor lives on the device, a batch is an
+index gather, and random crop (zero padding in pixel space, as torchvision's ``RandomCrop(padding=p)``)
+plus horizontal flip is one fused gather on the device. ImageFolder splits use a DataLoader whose
+workers return uint8 crops. Both paths end in the same on-device ``(x / 255 - mean) / std``.
+
+Reproducibility: the epoch permutation comes from a generator seeded by (seed, epoch) and the
+augmentation draws from one seeded by (seed, epoch, rank), all on the CPU, so a run resumed at an epoch
+boundary, or a second loader with the same seed, yields bit-identical batches on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from kdcli.data.folder import EpochView, FolderSplit
+from kdcli.data.seeding import derive_seed, generator
+from kdcli.data.splits import TensorSplit
+
+Batch = tuple[Tensor, Tensor, Tensor]
+
+
+def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int, shard: tuple[int, int] = (0, 1)) -> Tensor:
+    """Dataset positions this rank visits in ``epoch`` (DistributedSampler semantics).
+
+    The full order (a (seed, epoch)-seeded permutation, or ``0..n-1``) is padded by wrapping around to a
+    multiple of ``world``; rank ``r`` takes every ``world``-th position starting at ``r``.
+    """
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+    order = torch.randperm(n, generator=generator("order", seed, epoch)) if shuffle else torch.arange(n)
+    total = math.ceil(n / world) * world
+    order = order.repeat(math.ceil(total / n))[:total]
+    return order[rank:total:world]
+
+
+def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> Tensor:
+    """Random-crop-with-zero-padding and horizontal flip of a uint8 batch as one gather.
+
+    ``offsets`` (B, 2) are the crop's top/left corners in the padded image (0..2*padding), ``flips`` (B,)
+    mirrors a sample left-right. The result is (B, C, H, W) with channels-last strides.
+    """
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
+    rows = offsets[:, :1] + torch.arange(height, device=images.device)
+    cols = offsets[:, 1:] + torch.arange(width, device=images.device)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    sample = torch.arange(batch, device=images.device)[:, None, None]
+    return padded[sample, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # gather gives (B, H, W, C)
+
+
+class BatchLoader:
+    """Iterable of ``(images, labels, indices)`` on ``device``; see :func:`make_loader`."""
+
+    def __init__(self, split: TensorSplit | FolderSplit, batch_size: int, *, train: bool, device: torch.device,
+                 seed: int, drop_last: bool, channels_last: bool, shard: tuple[int, int]) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(split) == 0:
+            raise ValueError("cannot load batches from an empty split")
+        self.split, self.batch_size, self.train, self.device = split, batch_size, train, torch.device(device)
+        self.seed, self.drop_last, self.shard = seed, drop_last, shard
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mean = torch.tensor(split.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(split.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and augmentation the next iteration reproduces."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        per_rank = math.ceil(len(self.split) / self.shard[1])
+        return per_rank // self.batch_size if self._drops_last(per_rank) else math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = epoch_order(len(self.split), shuffle=self.train, seed=self.seed, epoch=self.epoch, shard=self.shard)
+        batches = list(order.split(self.batch_size))[: len(self)]
+        augment_seed = derive_seed("augment", self.seed, self.epoch, self.shard[0])
+        for images, labels, index in self._uint8_batches(batches, augment_seed):
+            yield self._normalise(images), labels, index
+
+    def _drops_last(self, per_rank: int) -> bool:
+        # A split smaller than one batch still yields its partial batch, so training never silently skips.
+        return self.drop_last and per_rank >= self.batch_size
+
+    def _normalise(self, images: Tensor) -> Tensor:
+        return images.float().div_(255).sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
+
+    def _uint8_batches(self, batches: list[Tensor], augment_seed: int) -> Iterator[Batch]:
+        """(uint8 images, labels, indices) on the device for each batch of split positions."""
+        if isinstance(self.split, TensorSplit):
+            return self._tensor_batches(self.split, batches, augment_seed)
+        return self._folder_batches(self.split, batches, augment_seed)
+
+    def _tensor_batches(self, split: TensorSplit, batches: list[Tensor],
+                        augment_seed: int) -> Iterator[Batch]:
+        images, labels = split.images_on(self.device), split.labels.to(self.device)
+        augment = self.train and (split.crop_padding > 0 or split.hflip)
+        gen = torch.Generator().manual_seed(augment_seed)
+        for index in batches:
+            index = index.to(self.device, non_blocking=True)
+            batch = images[index]
+            if augment:
+                offsets = torch.randint(2 * split.crop_padding + 1, (index.numel(), 2), generator=gen)
+                flips = (torch.rand(index.numel(), generator=gen) < 0.5) & split.hflip
+                batch = crop_flip(batch, offsets.to(self.device), flips.to(self.device), split.crop_padding)
+            yield batch, labels[index], index
+
+    def _folder_batches(self, split: FolderSplit, batches: list[Tensor],
+                        augment_seed: int) -> Iterator[Batch]:
+        on_gpu = self.device.type == "cuda"
+        loader = DataLoader(EpochView(split, augment_seed if self.train else None),
+                            batch_sampler=[index.tolist() for index in batches], num_workers=split.num_workers,
+                            pin_memory=on_gpu, generator=torch.Generator().manual_seed(augment_seed))
+        for index, (images, labels) in zip(batches, loader, strict=True):
+            yield (images.to(self.device, non_blocking=on_gpu), labels.to(self.device, non_blocking=on_gpu),
+                   index.to(self.device))
+
+
+def make_loader(split: TensorSplit | FolderSplit, batch_size: int, *, train: bool, device: torch.device, seed: int,
+                drop_last: bool | None = None, channels_last: bool = False,
+                shard: tuple[int, int] = (0, 1)) -> BatchLoader:
+    """A :class:`BatchLoader` yielding ``(images, labels, indices)`` on ``device``.
+
+    ``images`` are float32 ``(x / 255 - mean) / std`` (channels-last if asked), ``labels`` int64, ``indices``
+    the int64 positions of the batch in ``split``. Train loaders shuffle, augment (random crop with zero
+    padding, horizontal flip) and drop the last partial batch; eval loaders keep dataset order, do not
+    augment and keep the partial batch (``drop_last`` overrides). ``shard=(rank, world)`` gives each rank a
+    disjoint, equal-size slice of every epoch. Call ``set_epoch`` before each epoch.
+    """
+    return BatchLoader(split, batch_size, train=train, device=device, seed=seed,
+                       drop_last=train if drop_last is None else drop_last, channels_last=channels_last, shard=shard)

@@ -97,6 +97,7 @@ class Trainer:
                 row.update(self._evaluate())
             self.history.append(row)
             self._save(epoch)
+            self._report(row)
         seconds = time.perf_counter() - started
         return self._summary(seconds)
 
@@ -138,6 +139,16 @@ class Trainer:
                     "images_per_s": seen * self.ctx.dist.world / max(seconds, 1e-9)})
         return row
 
+    def _report(self, row: dict[str, Any]) -> None:
+        """One line per epoch: the progress bar is transient, and absent in pipes and CI logs."""
+        if not self.ctx.dist.is_main:
+            return
+        evals = "".join(f" {k.removesuffix('_top1')} {v:.2f}%" for k, v in row.items() if k.endswith("_top1")
+                        and k != "train_top1")
+        self.ctx.console.print(f"{self.stage} epoch {row['epoch']}/{self.recipe.train.epochs}: loss {row['loss']:.4f}"
+                               f" train {row['train_top1']:.2f}%{evals} {row['seconds']:.1f}s "
+                               f"{row['images_per_s']:.0f} img/s", highlight=False)
+
     def _lr(self) -> float:
         optimizer = next(iter(self.method.optimizers.values()))
         return optimizer.param_groups[0]["lr"]
@@ -145,7 +156,7 @@ class Trainer:
     def _progress(self) -> Progress:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[stats]}"), console=self.ctx.console, transient=True,
-                        disable=not self.ctx.dist.is_main)
+                        disable=not (self.ctx.dist.is_main and self.ctx.console.is_terminal))
 
     # -- evaluation -------------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, float]:

@@ -203,10 +203,110 @@ def export(checkpoint: Path = typer.Argument(..., help="Checkpoint to export (.s
 
 @app.command("measure-violations")
 @friendly
-def measure_violations(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt) -> None:
-    """How often a teacher's soft labels contradict mixed hard labels (isotonic data augmentation)."""
-    raise UserError("measure-violations is not available yet in this version of kdcli; it arrives with the "
-                    "isotonic data augmentation release")
+def measure_violations(
+        recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt,
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Teacher checkpoint (.safetensors, "
+                                                  "or RepDistiller/mdistiller .pth); default: the recipe's teacher.checkpoint."),
+        arch: Optional[str] = typer.Option(None, help="Teacher architecture (default: the checkpoint's sidecar, else the recipe's)."),
+        augment: str = typer.Option("none,mixup,cutmix", help="Augmentations to measure, comma-separated."),
+        samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Samples: a seeded random subset (default, and at most: the whole split)."),
+        split: str = typer.Option("train", help="train (what the paper measures: the samples that get mixed in training), val or test."),
+        alpha: float = typer.Option(1.0, help="Mixing weight lam ~ Beta(alpha, alpha); 1 (uniform) as in the IDA code."),
+        tau: float = typer.Option(4.5, help="Soft-label temperature (KD-i's); only the penalty and the L1 change depend on it."),
+        per_class: bool = typer.Option(False, "--per-class", help="Add a per-class breakdown (by primary label) and its CSV."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the Kendall-tau distributions to this PNG (needs the plot extra)."),
+        out: Path = typer.Option(Path("."), "--out", "-o", help="Directory for violations.csv (and violations-per-class.csv)."),
+        device: str = DeviceOpt, seed: int = SeedOpt, smoke: bool = SmokeOpt) -> None:
+    """How often a teacher's soft labels contradict mixed hard labels (IDA, Fig. 1), before and after the isotonic fix."""
+    from kdcli import violations
+    from kdcli.engine.io import write_csv
+    from kdcli.engine.pipeline import prepare_data, resolve_device
+
+    kinds = violations.parse_augmentations(augment)
+    if plot is not None:
+        violations.require_matplotlib()
+    resolved = _load(recipe, set_, smoke)
+    path, arch = violations.teacher_source(resolved, checkpoint, arch, smoke)
+    data = prepare_data(resolved, smoke)
+    dataset = {"train": data.train, "val": data.val, "test": data.test}.get(split)
+    if dataset is None:
+        raise UserError(f"--split '{split}' is not available for recipe '{resolved.name}'; use train, test, "
+                        "or val with --set data.val_fraction=0.1")
+    teacher = violations.load_teacher(path, arch, data.num_classes, console)
+    report = violations.measure_violations(
+        teacher, dataset, kinds, batch_size=resolved.train.eval_batch_size, device=resolve_device(device), tau=tau,
+        alpha=alpha, samples=samples, seed=seed, class_names=data.class_names)
+    provenance = {"recipe": resolved.name, "teacher": str(path or ""), "arch": arch, "split": split, "tau": tau,
+                  "alpha": alpha, "seed": seed}
+    write_csv(out / "violations.csv", report.table.assign(**provenance))
+    shown = {"augmentation": "augment", "samples": "samples", "kendall_tau": "kendall tau", "top2_ratio": "top-2",
+             "violation_rate": "violating", "discordant_pairs": "discordant", "kendall_tau_projected": "tau fixed",
+             "violation_rate_projected": "violating fixed", "discordant_pairs_projected": "discordant fixed",
+             "l1_change": "L1 change", "seconds": "seconds"}
+    _print_frame(report.table[list(shown)].rename(columns=shown),
+                 f"label-order violations of {arch} soft labels ({split}{', smoke' if smoke else ''}); "
+                 "fixed: after the isotonic projection")
+    if per_class:
+        write_csv(out / "violations-per-class.csv", report.per_class.assign(**provenance))
+        wide = report.per_class.pivot(index="class_name", columns="augmentation", values=["kendall_tau", "violation_rate"])
+        wide = wide[[(stat, kind) for kind in kinds for stat in ("kendall_tau", "violation_rate")]]
+        wide.columns = [f"{kind} {'tau' if stat == 'kendall_tau' else 'violating'}" for stat, kind in wide.columns]
+        _print_frame(wide.reset_index(), "per class (a mixed sample counts for its primary label)")
+    if plot is not None:
+        violations.plot_kendall(report, plot)
+        console.print(f"plot: {plot}")
+    console.print(f"results: {out / 'violations.csv'}")
+
+
+@bench_app.command("isotonic")
+@friendly
+def bench_isotonic(
+        device: str = typer.Option("auto", help="auto (CPU, plus CUDA when present), cpu, cuda or cuda:N."),
+        threads: int = typer.Option(1, help="CPU intra-op threads for all timings (0: torch's default). 1 by default: "
+                                    "the loop is sequential anyway, and extra threads on a small or busy machine "
+                                    "make the small batched kernels slower and the timings erratic."),
+        batch: int = typer.Option(128, help="Rows per projection (B)."),
+        classes: str = typer.Option("100,1000", help="Class counts C, comma-separated."),
+        repeats: int = typer.Option(30, help="Timed calls per implementation (the median is reported)."),
+        step: bool = typer.Option(True, "--step/--no-step", help="Also time one ida and one kd-aug training step "
+                                  "(resnet32x4 -> resnet8x4, batch 64, C=100) against one projection."),
+        step_repeats: int = typer.Option(3, help="Timed training steps per method."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write bench-isotonic.csv (and -step.csv) here."),
+        seed: int = SeedOpt) -> None:
+    """Batched exact isotonic projection vs the per-sample loop (speed-up), and its share of an ida step."""
+    import torch
+
+    from kdcli.bench import bench_isotonic as run_bench
+    from kdcli.engine.io import write_csv
+    from kdcli.engine.pipeline import resolve_device
+    from kdcli.violations import bench_ida_step
+
+    try:
+        counts = [int(c) for c in classes.split(",") if c.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 2 or min(batch, repeats, step_repeats) < 1 or threads < 0:
+        raise UserError("bench isotonic: --classes needs integers >= 2 (e.g. 100,1000), --batch, --repeats and "
+                        "--step-repeats must be >= 1, --threads >= 0")
+    step_device = resolve_device(device)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        frame = run_bench(None if device == "auto" else [str(step_device)], batch, tuple(counts), repeats, seed=seed)
+        _print_frame(frame, f"isotonic projection: batched vs per-sample loop ({torch.get_num_threads()} CPU threads)")
+        steps = bench_ida_step(step_device, repeats=step_repeats, seed=seed) if step else None
+    finally:
+        torch.set_num_threads(previous)
+    if steps is not None:
+        _print_frame(steps, "one training step vs one projection")
+        row = steps.iloc[0]
+        console.print(f"projection = {100 * row.projection_share:.3g}% of an ida step ({row.teacher} -> {row.student}, "
+                      f"B={row.B}, C={row.C}, {row.device}); an ida step takes {row.ida_over_kd_aug:.3g}x a kd-aug step")
+    if out is not None:
+        write_csv(out / "bench-isotonic.csv", frame)
+        if steps is not None:
+            write_csv(out / "bench-isotonic-step.csv", steps)
+        console.print(f"results: {out / 'bench-isotonic.csv'}")
 
 
 # -- list / bench ---------------------------------------------------------------------------------

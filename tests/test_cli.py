@@ -134,7 +134,7 @@ def test_smoke_runs_the_real_cifar100_protocol(tmp_path: Path) -> None:
     (["distill", "--recipe", "quickstart", "--set", "train.epochs=zero"], "'train.epochs' must be int"),
     (["distill", "--recipe", "quickstart", "--device", "tpu"], "--device"),
     (["evaluate", "missing.safetensors", "--recipe", "quickstart"], "does not exist"),
-    (["measure-violations", "--recipe", "quickstart"], "not available yet"),
+    (["measure-violations", "--recipe", "quickstart", "--checkpoint", "missing.safetensors"], "does not exist"),
     (["distill", "--recipe", "quickstart", "--seeds", "a,b", "--dry-run"], "--seeds"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str) -> None:

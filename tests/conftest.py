@@ -24,13 +24,26 @@ def _few_threads() -> None:
     torch.set_num_threads(2)
 
 
+def _write_tiny(path: Path, method: str = "kd", epochs: int = 2, baseline: bool = False) -> Path:
+    path.write_text(TINY.format(method=method, epochs=epochs, baseline=str(baseline).lower()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_tiny_recipe():
+    """`write_tiny_recipe(path, method=, epochs=, baseline=)` writes the tiny recipe to `path`.
+
+    A fixture rather than an import: tests/ is not a package, so `from tests.conftest import ...`
+    only works when the repository root happens to be on sys.path.
+    """
+    return _write_tiny
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path: Path):
     """Write a tiny recipe and return its path; keyword args fill method/epochs/baseline."""
 
     def make(method: str = "kd", epochs: int = 2, baseline: bool = False, name: str = "tiny.yaml") -> Path:
-        path = tmp_path / name
-        path.write_text(TINY.format(method=method, epochs=epochs, baseline=str(baseline).lower()))
-        return path
+        return _write_tiny(tmp_path / name, method, epochs, baseline)
 
     return make

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from kdcli.cli import app
-from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -23,11 +22,10 @@ def invoke(*args: str):
 
 
 @pytest.fixture(scope="module")
-def distilled(tmp_path_factory) -> Path:
+def distilled(tmp_path_factory, write_tiny_recipe) -> Path:
     """One tiny distill run (teacher trained first, baseline, KD) shared by the tests below."""
     base = tmp_path_factory.mktemp("cli")
-    recipe = base / "tiny.yaml"
-    recipe.write_text(TINY.format(method="kd", epochs=1, baseline="true"))
+    recipe = write_tiny_recipe(base / "tiny.yaml", method="kd", epochs=1, baseline=True)
     out = base / "run"
     result = invoke("distill", "--recipe", recipe, "--out", out, "--device", "cpu")
     assert result.exit_code == 0, result.output

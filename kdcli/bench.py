@@ -1,23 +1,28 @@
-"""Micro-benchmarks of kdcli's numerical kernels.
+"""Micro-benchmarks of kdcli's numerical kernels, and the timing helpers they share.
 
 :func:`bench_isotonic` times the batched IDA projection (:func:`kdcli.isotonic.project`) against the
-per-sample reference loop (:func:`kdcli.isotonic.project_loop`) on the same inputs in one run.
+per-sample reference loop (:func:`kdcli.isotonic.project_loop`) on the same inputs in one run;
+:func:`bench_ida_step` compares one projection with one `kd-aug` and one `ida` training step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import pandas as pd
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from kdcli.augment import label_roles
 from kdcli.isotonic import project, project_loop
+from kdcli.recipes import Recipe
 
+T = TypeVar("T")
 KD_TEMPERATURE = 4.5  # IDA's tau: the projection runs on softmax(z_T / tau)
 
 
@@ -83,22 +88,34 @@ def _bench_one(device: str, inputs: list[Tensor], repeats: int) -> dict[str, obj
             solver(*inputs)
     for _ in range(repeats):
         for name, solver in solvers.items():
-            times[name].append(_timed_ms(lambda: solver(*inputs), values.device))
+            times[name].append(timed(solver, *inputs)[1])
     batched_ms, loop_ms = statistics.median(times["batched"]), statistics.median(times["loop"])
     diff = (project(*inputs).double() - project_loop(*inputs).double()).abs().max().item()
     return {"device": device, "B": values.shape[0], "C": values.shape[1], "batched_ms": batched_ms,
             "loop_ms": loop_ms, "speedup": loop_ms / batched_ms, "max_abs_diff": diff}
 
 
-def _timed_ms(call: Callable[[], object], device: torch.device) -> float:
-    _synchronize(device)
+def timed(call: Callable[..., T], *args: object, device: torch.device | None = None) -> tuple[T, float]:
+    """``call(*args)`` and its wall time in milliseconds.
+
+    A CUDA ``device`` (default: that of the first tensor argument) is synchronised before and after,
+    so the time covers the queued kernels and not only their launch.
+    """
+    device = device or next((a.device for a in args if isinstance(a, Tensor)), torch.device("cpu"))
+    synchronize(device)
     start = time.perf_counter()
-    call()
-    _synchronize(device)
-    return (time.perf_counter() - start) * 1e3
+    result = call(*args)
+    synchronize(device)
+    return result, (time.perf_counter() - start) * 1e3
 
 
-def _synchronize(device: torch.device) -> None:
+def _median_ms(call: Callable[..., object], *args: object, repeats: int, device: torch.device | None = None) -> float:
+    call(*args)  # warm-up: allocator, kernels, lazy initialisation
+    return statistics.median(timed(call, *args, device=device)[1] for _ in range(repeats))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the queued kernels of a CUDA device (no-op elsewhere)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -112,3 +129,58 @@ def _intra_op_threads(num_threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+# -- the cost of the correction in a training step ------------------------------------------------
+def bench_ida_step(device: torch.device, batch: int = 64, repeats: int = 3, seed: int = 0,
+                   recipe_name: str = "cifar100-resnet-ida-mixup") -> pd.DataFrame:
+    """Median time of one ``kd-aug`` and one ``ida`` training step vs one projection, on ``device``.
+
+    The networks are the recipe's (by default resnet32x4 -> resnet8x4 with 100 classes; random weights:
+    the step time does not depend on them), the batch is random 32x32 images. The projection is timed on a teacher-like
+    batch of the same size (:func:`kdcli.bench.teacher_like_batch`, most rows violating), as it runs
+    inside the ida step. Returns one row: ``device, B, C, teacher, student, kd_aug_step_ms, ida_step_ms,
+    projection_ms, projection_share`` (= projection_ms / ida_step_ms) and ``ida_over_kd_aug``.
+    """
+    from kdcli.engine.pipeline import CLASSES, build_network
+    from kdcli.recipes import load_recipe
+
+    recipe = load_recipe(recipe_name)
+    classes = CLASSES.get(recipe.data.dataset, recipe.data.num_classes)
+    inputs = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, 32, 32, generator=inputs).to(device)
+    labels = torch.randint(0, classes, (batch,), generator=inputs).to(device)
+    torch.manual_seed(seed)
+    teacher = build_network(recipe.teacher.arch, classes).to(device).eval().requires_grad_(False)
+    step_ms = {name: _step_ms(name, recipe, teacher, classes, images, labels, repeats, seed)
+               for name in ("kd-aug", "ida")}
+    soft, primary, secondary = (t.to(device) for t in teacher_like_batch(batch, classes, inputs))
+    projection_ms = _median_ms(project, soft, primary, secondary, repeats=max(repeats, 30))
+    return pd.DataFrame([{
+        "device": str(device), "B": batch, "C": classes, "teacher": recipe.teacher.arch,
+        "student": recipe.student.arch, "kd_aug_step_ms": step_ms["kd-aug"], "ida_step_ms": step_ms["ida"],
+        "projection_ms": projection_ms, "projection_share": projection_ms / step_ms["ida"],
+        "ida_over_kd_aug": step_ms["ida"] / step_ms["kd-aug"],
+    }])
+
+
+def _step_ms(method_name: str, recipe: Recipe, teacher: nn.Module, classes: int, images: Tensor, labels: Tensor,
+             repeats: int, seed: int) -> float:
+    """Median milliseconds of one ``train_step`` of ``method_name`` with the recipe's weights and params
+    (those the method knows) and a fresh student."""
+    from kdcli.engine.pipeline import build_network
+    from kdcli.methods import get_method
+    from kdcli.methods.base import Batch, StepInfo
+
+    cls = get_method(method_name)
+    known = {f.name for f in dataclasses.fields(cls.Params)}
+    terms = set(cls.default_weights) | set(getattr(cls, "optional_terms", ()))
+    config = dataclasses.replace(recipe.method, name=method_name,
+                                 weights={k: v for k, v in recipe.method.weights.items() if k in terms},
+                                 params={k: v for k, v in recipe.method.params.items() if k in known})
+    student = build_network(recipe.student.arch, classes).to(images.device)
+    method = cls.create({"student": student}, teacher, dataclasses.replace(recipe, method=config), classes)
+    method.to(images.device).build_optimizers(1)
+    batch = Batch(images, labels, torch.arange(images.shape[0], device=images.device))
+    info = StepInfo(0, 1, 0, torch.Generator().manual_seed(seed))
+    return _median_ms(method.train_step, batch, info, repeats=repeats, device=images.device)

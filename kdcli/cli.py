@@ -13,6 +13,7 @@ from typing import Callable, List, Optional
 import pandas as pd
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdcli.errors import UserError
@@ -46,10 +47,16 @@ def friendly(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except UserError as err:
-            err_console.print(f"[red]error:[/] {err}", soft_wrap=True, highlight=False)
+            # The message is plain text: paths and hints such as `kdcli[plot]` must not be read as markup.
+            err_console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _say(text: str) -> None:
+    """Print a plain line (paths may contain brackets, which rich would read as markup)."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:
@@ -120,7 +127,7 @@ def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smo
     if ctx.dist.is_main:
         write_csv(path, frame)
         _print_results(frame, f"{resolved.name}{' (smoke)' if smoke else ''}")
-        console.print(f"results: {path}")
+        _say(f"results: {path}")
 
 
 def _print_results(frame: pd.DataFrame, title: str) -> None:
@@ -154,7 +161,8 @@ def train_teacher(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt, o
 def distill(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
             device: str = DeviceOpt, seed: int = SeedOpt, dry_run: bool = DryOpt, smoke: bool = SmokeOpt,
             resume: bool = ResumeOpt,
-            seeds: Optional[str] = typer.Option(None, "--seeds", help="Run once per seed, e.g. 0,1,2; adds mean ± std rows.")) -> None:
+            seeds: Optional[str] = typer.Option(None, "--seeds",
+                                                help="Run once per seed, e.g. 0,1,2; adds mean ± std rows.")) -> None:
     """Distil the recipe's student from its teacher (training the teacher first if no checkpoint is given)."""
     _train("distill", recipe, set_, out, device, seed, dry_run, smoke, resume, seeds)
 
@@ -180,7 +188,7 @@ def evaluate(checkpoints: List[Path] = typer.Argument(..., help="One or more che
                                        teacher=teacher, teacher_arch=teacher_arch, save_logits=save_logits,
                                        smoke=smoke, seed=seed, console=console)
     _print_frame(frame, f"evaluate ({split})")
-    console.print(f"results: {path}")
+    _say(f"results: {path}")
 
 
 @app.command()
@@ -198,24 +206,33 @@ def export(checkpoint: Path = typer.Argument(..., help="Checkpoint to export (.s
     frame, path = export_checkpoint(checkpoint, out, [f.strip() for f in formats.split(",") if f.strip()],
                                     arch=arch, image_size=image_size, seed=seed)
     _print_frame(frame, "export")
-    console.print(f"results: {path}")
+    _say(f"results: {path}")
 
 
 @app.command("measure-violations")
 @friendly
 def measure_violations(
         recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt,
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Teacher checkpoint (.safetensors, "
-                                                  "or RepDistiller/mdistiller .pth); default: the recipe's teacher.checkpoint."),
-        arch: Optional[str] = typer.Option(None, help="Teacher architecture (default: the checkpoint's sidecar, else the recipe's)."),
+        checkpoint: Optional[Path] = typer.Option(
+            None, "--checkpoint", "-c", help="Teacher checkpoint (.safetensors, or RepDistiller/mdistiller .pth); "
+                                             "default: the recipe's teacher.checkpoint."),
+        arch: Optional[str] = typer.Option(
+            None, help="Teacher architecture (default: the checkpoint's sidecar, else the recipe's)."),
         augment: str = typer.Option("none,mixup,cutmix", help="Augmentations to measure, comma-separated."),
-        samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Samples: a seeded random subset (default, and at most: the whole split)."),
-        split: str = typer.Option("train", help="train (what the paper measures: the samples that get mixed in training), val or test."),
-        alpha: float = typer.Option(1.0, help="Mixing weight lam ~ Beta(alpha, alpha); 1 (uniform) as in the IDA code."),
-        tau: float = typer.Option(4.5, help="Soft-label temperature (KD-i's); only the penalty and the L1 change depend on it."),
-        per_class: bool = typer.Option(False, "--per-class", help="Add a per-class breakdown (by primary label) and its CSV."),
-        plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the Kendall-tau distributions to this PNG (needs the plot extra)."),
-        out: Path = typer.Option(Path("."), "--out", "-o", help="Directory for violations.csv (and violations-per-class.csv)."),
+        samples: Optional[int] = typer.Option(
+            None, "--samples", "-n", help="Samples: a seeded random subset (default, and at most: the whole split)."),
+        split: str = typer.Option(
+            "train", help="train (what the paper measures: the samples that get mixed in training), val or test."),
+        alpha: float = typer.Option(
+            1.0, help="Mixing weight lam ~ Beta(alpha, alpha); 1 (uniform) as in the IDA code."),
+        tau: float = typer.Option(
+            4.5, help="Soft-label temperature (KD-i's); only the penalty and the L1 change depend on it."),
+        per_class: bool = typer.Option(
+            False, "--per-class", help="Add a per-class breakdown (by primary label) and its CSV."),
+        plot: Optional[Path] = typer.Option(
+            None, "--plot", help="Draw the Kendall-tau distributions to this PNG (needs the plot extra)."),
+        out: Path = typer.Option(
+            Path("."), "--out", "-o", help="Directory for violations.csv (and violations-per-class.csv)."),
         device: str = DeviceOpt, seed: int = SeedOpt, smoke: bool = SmokeOpt) -> None:
     """How often a teacher's soft labels contradict mixed hard labels (IDA, Fig. 1), before and after the isotonic fix."""
     from kdcli import violations
@@ -254,8 +271,8 @@ def measure_violations(
         _print_frame(wide.reset_index(), "per class (a mixed sample counts for its primary label)")
     if plot is not None:
         violations.plot_kendall(report, plot)
-        console.print(f"plot: {plot}")
-    console.print(f"results: {out / 'violations.csv'}")
+        _say(f"plot: {plot}")
+    _say(f"results: {out / 'violations.csv'}")
 
 
 @bench_app.command("isotonic")
@@ -276,10 +293,10 @@ def bench_isotonic(
     """Batched exact isotonic projection vs the per-sample loop (speed-up), and its share of an ida step."""
     import torch
 
+    from kdcli.bench import bench_ida_step
     from kdcli.bench import bench_isotonic as run_bench
     from kdcli.engine.io import write_csv
     from kdcli.engine.pipeline import resolve_device
-    from kdcli.violations import bench_ida_step
 
     try:
         counts = [int(c) for c in classes.split(",") if c.strip()]
@@ -306,7 +323,7 @@ def bench_isotonic(
         write_csv(out / "bench-isotonic.csv", frame)
         if steps is not None:
             write_csv(out / "bench-isotonic-step.csv", steps)
-        console.print(f"results: {out / 'bench-isotonic.csv'}")
+        _say(f"results: {out / 'bench-isotonic.csv'}")
 
 
 # -- list / bench ---------------------------------------------------------------------------------
@@ -323,7 +340,8 @@ def _print_frame(frame: pd.DataFrame, title: str) -> None:
 @friendly
 def list_recipes() -> None:
     """Shipped recipes, with the paper's reported accuracy where there is one."""
-    from kdcli.recipes import list_recipes as names, load_recipe
+    from kdcli.recipes import list_recipes as names
+    from kdcli.recipes import load_recipe
 
     rows = []
     for name in names():

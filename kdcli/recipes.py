@@ -138,7 +138,8 @@ def find_recipe(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise UserError(f"recipe file {path} does not exist; give a path to a YAML file or a name from `kdcli list recipes`")
+            raise UserError(f"recipe file {path} does not exist; "
+                            "give a path to a YAML file or a name from `kdcli list recipes`")
         return path
     shipped = recipes_dir() / f"{name_or_path}.yaml"
     if not shipped.is_file():

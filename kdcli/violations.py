@@ -21,10 +21,8 @@ are measured with it.
 
 from __future__ import annotations
 
-import dataclasses
-import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +30,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from rich.markup import escape
+from torch import nn
 
 from kdcli.augment import MIX_KINDS, mix
+from kdcli.bench import synchronize, timed
 from kdcli.data import Split, make_loader
 from kdcli.data.seeding import generator
 from kdcli.engine.checkpoint import read_sidecar
@@ -101,11 +101,12 @@ def teacher_source(recipe: Recipe, checkpoint: Path | None, arch: str | None, sm
 
 def load_teacher(path: Path | None, arch: str, num_classes: int, console) -> nn.Module:
     """The frozen teacher in eval mode; ``path=None`` (``--smoke`` only) gives a random ``arch``."""
-    from kdcli.engine.pipeline import build_network, load_teacher as load_checkpoint
+    from kdcli.engine.pipeline import build_network
+    from kdcli.engine.pipeline import load_teacher as load_checkpoint
 
     if path is not None:
         return load_checkpoint(str(path), arch, num_classes, smoke=False, console=console)
-    console.print(f"[yellow]smoke: no teacher checkpoint, using a random {arch}[/]")
+    console.print(f"[yellow]smoke: no teacher checkpoint, using a random {escape(arch)}[/]")
     return build_network(arch, num_classes).eval().requires_grad_(False)
 
 
@@ -154,14 +155,14 @@ def _measure_one(teacher: nn.Module, loader, kind: str, tau: float, alpha: float
     for images, labels, _ in loader:
         mixed = mix(kind, images, labels, alpha, mix_generator, per_sample=True)
         soft = F.softmax(teacher(mixed.images).float() / tau, dim=1)
-        projected, seconds = _timed(lambda: project(soft, mixed.primary, mixed.secondary), soft.device)
-        projection_seconds += seconds
+        projected, ms = timed(project, soft, mixed.primary, mixed.secondary)
+        projection_seconds += ms / 1e3
         before.append(violation_stats(soft, mixed.primary, mixed.secondary, mixed.lam))
         after.append(violation_stats(projected, mixed.primary, mixed.secondary, mixed.lam))
         l1.append((projected - soft).abs().sum(dim=1))
         roles.append(torch.stack([mixed.primary.double(), mixed.secondary.double(),
                                   torch.maximum(mixed.lam, 1 - mixed.lam).double()], dim=1))
-    _synchronize(loader.device)
+    synchronize(loader.device)
     seconds = time.perf_counter() - started
     stats_before, stats_after = ViolationStats.concat(before), ViolationStats.concat(after)
     l1_change = torch.cat(l1)
@@ -198,19 +199,6 @@ def _per_class(frame: pd.DataFrame, class_names: Sequence[str]) -> pd.DataFrame:
     return table
 
 
-def _timed(call: Callable[[], Tensor], device: torch.device) -> tuple[Tensor, float]:
-    _synchronize(device)
-    start = time.perf_counter()
-    result = call()
-    _synchronize(device)
-    return result, time.perf_counter() - start
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def require_matplotlib() -> None:
     """Fail early, in one line, when ``--plot`` cannot work."""
     try:
@@ -241,64 +229,3 @@ def plot_kendall(report: ViolationReport, path: Path) -> None:
     figure.tight_layout()
     atomic_save(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
     plt.close(figure)
-
-
-# -- the cost of the correction in a training step ------------------------------------------------
-def bench_ida_step(device: torch.device, batch: int = 64, repeats: int = 3, seed: int = 0,
-                   recipe_name: str = "cifar100-resnet-ida-mixup") -> pd.DataFrame:
-    """Median time of one ``kd-aug`` and one ``ida`` training step vs one projection, on ``device``.
-
-    The networks are the recipe's (by default resnet32x4 -> resnet8x4 with 100 classes; random weights:
-    the step time does not depend on them), the batch is random 32x32 images. The projection is timed on a teacher-like
-    batch of the same size (:func:`kdcli.bench.teacher_like_batch`, most rows violating), as it runs
-    inside the ida step. Returns one row: ``device, B, C, teacher, student, kd_aug_step_ms, ida_step_ms,
-    projection_ms, projection_share`` (= projection_ms / ida_step_ms) and ``ida_over_kd_aug``.
-    """
-    from kdcli.bench import teacher_like_batch
-    from kdcli.engine.pipeline import CLASSES, build_network
-    from kdcli.recipes import load_recipe
-
-    recipe = load_recipe(recipe_name)
-    classes = CLASSES.get(recipe.data.dataset, recipe.data.num_classes)
-    inputs = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, 32, 32, generator=inputs).to(device)
-    labels = torch.randint(0, classes, (batch,), generator=inputs).to(device)
-    torch.manual_seed(seed)
-    teacher = build_network(recipe.teacher.arch, classes).to(device).eval().requires_grad_(False)
-    step_ms = {name: _step_ms(name, recipe, teacher, classes, images, labels, repeats, seed)
-               for name in ("kd-aug", "ida")}
-    soft, primary, secondary = (t.to(device) for t in teacher_like_batch(batch, classes, inputs))
-    projection_ms = _median_ms(lambda: project(soft, primary, secondary), device, max(repeats, 30))
-    return pd.DataFrame([{
-        "device": str(device), "B": batch, "C": classes, "teacher": recipe.teacher.arch,
-        "student": recipe.student.arch, "kd_aug_step_ms": step_ms["kd-aug"], "ida_step_ms": step_ms["ida"],
-        "projection_ms": projection_ms, "projection_share": projection_ms / step_ms["ida"],
-        "ida_over_kd_aug": step_ms["ida"] / step_ms["kd-aug"],
-    }])
-
-
-def _step_ms(method_name: str, recipe: Recipe, teacher: nn.Module, classes: int, images: Tensor, labels: Tensor,
-             repeats: int, seed: int) -> float:
-    """Median milliseconds of one ``train_step`` of ``method_name`` with the recipe's weights and params
-    (those the method knows) and a fresh student."""
-    from kdcli.engine.pipeline import build_network
-    from kdcli.methods import get_method
-    from kdcli.methods.base import Batch, StepInfo
-
-    cls = get_method(method_name)
-    known = {f.name for f in dataclasses.fields(cls.Params)}
-    terms = set(cls.default_weights) | set(getattr(cls, "optional_terms", ()))
-    config = dataclasses.replace(recipe.method, name=method_name,
-                                 weights={k: v for k, v in recipe.method.weights.items() if k in terms},
-                                 params={k: v for k, v in recipe.method.params.items() if k in known})
-    student = build_network(recipe.student.arch, classes).to(images.device)
-    method = cls.create({"student": student}, teacher, dataclasses.replace(recipe, method=config), classes)
-    method.to(images.device).build_optimizers(1)
-    batch = Batch(images, labels, torch.arange(images.shape[0], device=images.device))
-    info = StepInfo(0, 1, 0, torch.Generator().manual_seed(seed))
-    return _median_ms(lambda: method.train_step(batch, info), images.device, repeats)
-
-
-def _median_ms(call: Callable[[], object], device: torch.device, repeats: int) -> float:
-    call()  # warm-up: allocator, kernels, lazy initialisation
-    return statistics.median(1e3 * _timed(call, device)[1] for _ in range(repeats))

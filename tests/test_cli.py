@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -88,15 +89,22 @@ def test_export_round_trips(distilled: Path, tmp_path: Path) -> None:
     assert "max_abs_diff" in result.output or "max abs" in result.output.lower()
 
 
-def test_export_onnx_when_available(distilled: Path, tmp_path: Path) -> None:
-    from kdcli.engine.export import onnx_available
-
-    if not onnx_available():
-        pytest.skip("onnx extra not installed")
+def test_export_onnx(distilled: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")  # the dev extra installs it; a bare install gets the test below
     result = invoke("export", distilled / "kd/checkpoints/student-best.safetensors", "--out", tmp_path,
                     "--formats", "onnx")
     assert result.exit_code == 0, result.output
     assert pd.read_csv(tmp_path / "export.csv").loc[0, "max_abs_diff"] < 1e-4
+
+
+def test_export_onnx_without_the_extra_is_one_line(distilled: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setattr("kdcli.engine.export.onnx_available", lambda: False)
+    result = invoke("export", distilled / "kd/checkpoints/student-best.safetensors", "--out", tmp_path / "x",
+                    "--formats", "onnx")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "pip install -e '.[onnx]'" in lines[0]
+    assert not (tmp_path / "x").exists()
 
 
 def test_train_teacher_and_multi_seed(tiny_recipe, tmp_path: Path) -> None:

@@ -17,9 +17,9 @@ import torch
 from typer.testing import CliRunner
 
 from kdcli.cli import app
-from kdcli.models import create_model
 from kdcli.methods import get_method
 from kdcli.methods.base import Batch, StepInfo
+from kdcli.models import create_model
 from kdcli.recipes import list_recipes, load_recipe
 
 SAME_ARCH = [("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"),

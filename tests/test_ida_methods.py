@@ -82,7 +82,8 @@ def test_isotonic_target_removes_every_violation_at_any_temperature() -> None:
     g = torch.Generator().manual_seed(0)
     logits = 3 * torch.randn(64, 100, generator=g)
     primary = torch.randint(0, 100, (64,), generator=g)
-    secondary = torch.where(torch.rand(64, generator=g) < 0.2, -1, (primary + 1 + torch.randint(0, 99, (64,), generator=g)) % 100)
+    other = (primary + 1 + torch.randint(0, 99, (64,), generator=g)) % 100
+    secondary = torch.where(torch.rand(64, generator=g) < 0.2, -1, other)
     for space in ("prob_tau", "logit"):
         target = isotonic_target(logits, primary, secondary, tau=4.5, ir_space=space)
         torch.testing.assert_close(target.sum(1), torch.ones(64))

@@ -16,7 +16,6 @@ from kdcli.augment import label_roles
 from kdcli.bench import bench_isotonic, teacher_like_batch
 from kdcli.isotonic import ViolationStats, order_penalty, project, project_loop, violation_stats
 
-
 # --------------------------------------------------------------------------------------------------
 # Instances and independent references
 # --------------------------------------------------------------------------------------------------
@@ -303,11 +302,11 @@ def pairwise_reference(p: list[float], a: int, b: int, lam: float) -> tuple[int,
     if b >= 0:
         h[b] = min(lam, 1 - lam)
     concordant = discordant = known = 0
-    for k, l in itertools.combinations(range(len(p)), 2):
-        if h[k] == h[l]:
+    for k, m in itertools.combinations(range(len(p)), 2):
+        if h[k] == h[m]:
             continue
         known += 1
-        sign = (p[k] - p[l]) * (h[k] - h[l])
+        sign = (p[k] - p[m]) * (h[k] - h[m])
         concordant += sign > 0
         discordant += sign < 0
     order = sorted(range(len(p)), key=lambda k: -p[k])  # Python's sort is stable: smaller index first

@@ -15,8 +15,16 @@ from typer.testing import CliRunner
 
 from kdcli.methods import get_method
 from kdcli.methods.base import Batch, StepInfo
-from kdcli.methods.kdav import (KDAV, LABEL_FLOOR, InstanceQueue, av_log_predictive, av_loss,
-                                instance_label_log_probs, membership_kl, membership_scores)
+from kdcli.methods.kdav import (
+    KDAV,
+    LABEL_FLOOR,
+    InstanceQueue,
+    av_log_predictive,
+    av_loss,
+    instance_label_log_probs,
+    membership_kl,
+    membership_scores,
+)
 from kdcli.models import create_model
 from kdcli.recipes import DataConfig, MethodConfig, Recipe, load_recipe
 
@@ -258,8 +266,8 @@ def test_resume_restores_queue_and_projector_exactly(tiny_recipe, tmp_path, monk
 
 
 def test_cli_smoke_run_and_methods_listing(tmp_path) -> None:
-    from kdcli.methods import describe_methods
     from kdcli.cli import app
+    from kdcli.methods import describe_methods
 
     runner = CliRunner()
     result = runner.invoke(app, ["distill", "--recipe", "cifar100-resnet32x4-resnet8x4-kdav", "--smoke",

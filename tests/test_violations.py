@@ -4,6 +4,7 @@ labels on mixed images are known exactly, determinism, teacher resolution, and t
 from __future__ import annotations
 
 import itertools
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,14 @@ import torch
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
+from kdcli.bench import bench_ida_step
 from kdcli.cli import app
 from kdcli.data import TensorSplit
 from kdcli.engine.checkpoint import save_weights
 from kdcli.errors import UserError
 from kdcli.models import create_model
 from kdcli.recipes import load_recipe
-from kdcli.violations import ViolationReport, bench_ida_step, measure_violations, parse_augmentations, teacher_source
+from kdcli.violations import ViolationReport, measure_violations, parse_augmentations, teacher_source
 
 runner = CliRunner()
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 120)]
@@ -70,11 +72,11 @@ def brute_force(row: pd.Series) -> tuple[float, int, bool]:
     if secondary >= 0:
         hard[secondary] += 1 - weight
     concordant = discordant = known = 0
-    for k, l in itertools.combinations(range(4), 2):
-        if hard[k] != hard[l]:
+    for k, m in itertools.combinations(range(4), 2):
+        if hard[k] != hard[m]:
             known += 1
-            assert abs(soft[k] - soft[l]) > 1e-4  # no near-ties: float32 and float64 agree on every sign
-            same = np.sign(soft[k] - soft[l]) == np.sign(hard[k] - hard[l])
+            assert abs(soft[k] - soft[m]) > 1e-4  # no near-ties: float32 and float64 agree on every sign
+            same = np.sign(soft[k] - soft[m]) == np.sign(hard[k] - hard[m])
             concordant, discordant = concordant + same, discordant + (not same)
     rank = {c: int((soft > soft[c]).sum() + ((soft == soft[c]) & (np.arange(4) < c)).sum()) for c in range(4)}
     hit = rank[primary] < 2 or (secondary >= 0 and rank[secondary] < 2)
@@ -123,7 +125,8 @@ def test_summary_rows_are_the_per_sample_means_and_the_projection_fixes_everythi
         assert (frame["l1_change"][~frame["has_violation"]] < 1e-6).all()  # only violating rows change
         assert row.projection_seconds <= row.seconds
     per_class = report.per_class.groupby("augmentation")
-    weighted = (report.per_class["violation_rate"] * report.per_class["samples"]).groupby(report.per_class["augmentation"]).sum()
+    rates = report.per_class["violation_rate"] * report.per_class["samples"]
+    weighted = rates.groupby(report.per_class["augmentation"]).sum()
     for kind, group in per_class:
         rate = report.table.set_index("augmentation").loc[kind, "violation_rate"]
         assert weighted[kind] / group["samples"].sum() == pytest.approx(rate)
@@ -178,19 +181,24 @@ def test_measure_violations_command(tiny_recipe, tmp_path: Path) -> None:
     assert per_class.groupby("augmentation")["samples"].sum().to_dict() == {"none": 64, "mixup": 64, "cutmix": 64}
 
 
-def test_plot_needs_matplotlib(tiny_recipe, tmp_path: Path) -> None:
-    args = ["measure-violations", "--recipe", str(tiny_recipe()), "--smoke", "--augment", "mixup", "--plot",
+def _plot_args(recipe: Path, tmp_path: Path) -> list[str]:
+    return ["measure-violations", "--recipe", str(recipe), "--smoke", "--augment", "mixup", "--plot",
             str(tmp_path / "tau.png"), "--out", str(tmp_path / "o"), "--device", "cpu"]
-    result = runner.invoke(app, args)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        lines = [line for line in result.output.splitlines() if line.strip()]
-        assert result.exit_code == 2 and len(lines) == 1 and "kdcli[plot]" in lines[0]
-        assert not (tmp_path / "o").exists()  # failed before measuring anything
-    else:
-        assert result.exit_code == 0, result.output
-        assert (tmp_path / "tau.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_without_matplotlib_is_one_line_naming_the_extra(tiny_recipe, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    result = runner.invoke(app, _plot_args(tiny_recipe(), tmp_path))
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "pip install 'kdcli[plot]'" in lines[0]
+    assert not (tmp_path / "o").exists()  # failed before measuring anything
+
+
+def test_plot_writes_a_png(tiny_recipe, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    result = runner.invoke(app, _plot_args(tiny_recipe(), tmp_path))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "tau.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_measure_violations_without_a_teacher_checkpoint_says_how_to_get_one() -> None:

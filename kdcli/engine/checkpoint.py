@@ -61,7 +61,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     path = Path(path).expanduser()
     if path.is_dir():
         found = sorted(p.name for p in path.rglob("*.safetensors"))[:5]
-        raise UserError(f"{path} is a directory; pass a checkpoint file, e.g. {', '.join(found) or 'student-best.safetensors'}")
+        example = ", ".join(found) or "student-best.safetensors"
+        raise UserError(f"{path} is a directory; pass a checkpoint file, e.g. {example}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; check the path")
     if path.suffix == ".safetensors":
@@ -107,6 +108,7 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:300]
-        raise UserError(f"checkpoint {path} does not match architecture '{arch}' with {num_classes} classes: {detail}") from None
+        raise UserError(f"checkpoint {path} does not match architecture '{arch}' with {num_classes} classes: "
+                        f"{detail}") from None
     model.kdcli_meta = meta  # normalisation and provenance, when the checkpoint carries them
     return model.eval()

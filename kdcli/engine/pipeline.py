@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from rich.markup import escape
 from torch import nn
 
 from kdcli.data import DataBundle, DataSpec, build_data, smoke_data
@@ -85,7 +86,7 @@ def build_network(arch: str, num_classes: int, channels_last: bool = False) -> n
 def load_teacher(path: str, arch: str, num_classes: int, smoke: bool, console) -> nn.Module:
     """A frozen teacher from a checkpoint (kdcli or RepDistiller format)."""
     if smoke and not Path(path).expanduser().is_file():
-        console.print(f"[yellow]smoke: teacher checkpoint {path} not found, using a random {arch}[/]")
+        console.print(f"[yellow]smoke: teacher checkpoint {escape(str(path))} not found, using a random {escape(arch)}[/]")
         teacher = build_network(arch, num_classes)
     else:
         teacher = load_model(path, arch=arch, num_classes=num_classes)
@@ -131,7 +132,8 @@ def distill(recipe: Recipe, ctx: RunContext, smoke: bool) -> list[RunSummary]:
     teacher = None
     if method_cls.needs_teacher:
         if recipe.teacher is None:
-            raise UserError(f"method '{recipe.method.name}' needs a teacher; add teacher.arch (and teacher.checkpoint) to the recipe")
+            raise UserError(f"method '{recipe.method.name}' needs a teacher; "
+                            "add teacher.arch (and teacher.checkpoint) to the recipe")
         path = recipe.teacher.checkpoint
         if path is None:
             summaries += train_teacher(recipe, ctx, smoke)
@@ -177,7 +179,7 @@ def with_seed_summary(frame: pd.DataFrame) -> pd.DataFrame:
     """Per-seed rows plus one ``mean`` row per (stage, network): best- and last-epoch accuracy ± std."""
     metrics = ["best_top1", "last_top1", "test_top1_at_best", "test_top1_last"]
     rows = []
-    for (stage, network), group in frame.groupby(["stage", "network"], sort=False):
+    for _, group in frame.groupby(["stage", "network"], sort=False):
         row = group.iloc[0].to_dict() | {"seed": "mean", "best_epoch": None, "checkpoint": ""}
         for column in metrics:
             values = pd.to_numeric(group[column], errors="coerce")

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kdcli.data import DataBundle, make_loader
@@ -89,7 +90,8 @@ class Trainer:
         epochs = self.recipe.train.epochs
         self.method.build_optimizers(epochs)
         if self.ctx.resume and self._restore():
-            self.ctx.console.print(f"[cyan]{self.stage}[/]: resumed after epoch {self.start_epoch} from {self.ckpt_dir}")
+            where = escape(str(self.ckpt_dir))
+            self.ctx.console.print(f"[cyan]{self.stage}[/]: resumed after epoch {self.start_epoch} from {where}")
         started = time.perf_counter() - sum(row["seconds"] for row in self.history)
         for epoch in range(self.start_epoch, epochs):
             row = self._train_epoch(epoch)
@@ -128,7 +130,8 @@ class Trainer:
                 self.step += 1
                 if (i + 1) % 10 == 0 or i + 1 == steps:  # .item() synchronises the GPU: only now and then
                     rate = seen / max(time.perf_counter() - begin, 1e-9)
-                    stats = f"loss {sums['loss'].item() / (i + 1):.4f} acc {100 * correct.item() / seen:.1f}% {rate:.0f} img/s"
+                    accuracy = 100 * correct.item() / seen
+                    stats = f"loss {sums['loss'].item() / (i + 1):.4f} acc {accuracy:.1f}% {rate:.0f} img/s"
                     progress.update(task, completed=i + 1, stats=stats)
         for scheduler in method.schedulers.values():
             scheduler.step()

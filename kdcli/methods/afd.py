@@ -41,8 +41,16 @@ from kdcli import losses
 from kdcli.engine.distributed import unwrap
 from kdcli.errors import UserError
 from kdcli.methods import register
-from kdcli.methods.base import (Batch, Method, MethodParams, StepInfo, StepOutput, build_optimizer,
-                                build_scheduler, parse_params)
+from kdcli.methods.base import (
+    Batch,
+    Method,
+    MethodParams,
+    StepInfo,
+    StepOutput,
+    build_optimizer,
+    build_scheduler,
+    parse_params,
+)
 from kdcli.recipes import Recipe, ScheduleConfig
 
 

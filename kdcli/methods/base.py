@@ -69,7 +69,8 @@ def build_optimizer(params: Iterator[nn.Parameter] | list, cfg: OptimConfig) -> 
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
+                    epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-epoch schedule: linear warm-up (optional), then multi-step, cosine or constant."""
     warmup = cfg.warmup_epochs
 

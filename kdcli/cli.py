@@ -30,7 +30,8 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
 RecipeOpt = typer.Option(..., "--recipe", "-r", help="Recipe name (see `kdcli list recipes`) or YAML path.")
-SetOpt = typer.Option(None, "--set", help="Override a recipe key: --set train.epochs=10 (repeatable).")
+SetOpt = typer.Option(None, "--set", help="Override a recipe key: --set train.epochs=10 (repeatable); "
+                                             "--set method=ttm switches the method, with its defaults.")
 OutOpt = typer.Option(None, "--out", "-o", help="Output directory (default runs/<recipe>-<time>).")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 SeedOpt = typer.Option(0, "--seed", help="Random seed (recorded in results.csv).")
@@ -73,7 +74,7 @@ def _load(recipe: str, overrides: Optional[List[str]], smoke: bool):
 
 
 def _context(recipe, out: Optional[Path], device: str, seed: int, smoke: bool, resume: bool, command: str):
-    from kdcli.engine.distributed import init_distributed, local_device
+    from kdcli.engine.distributed import barrier, init_distributed, local_device
     from kdcli.engine.io import atomic_write
     from kdcli.engine.pipeline import SMOKE_STEPS, resolve_device
     from kdcli.engine.trainer import RunContext
@@ -85,10 +86,12 @@ def _context(recipe, out: Optional[Path], device: str, seed: int, smoke: bool, r
         raise UserError(f"--resume: {out} does not exist; pass the --out directory of the interrupted run")
     if not resume and out.is_dir() and any(out.iterdir()):
         raise UserError(f"output directory {out} is not empty; pass --resume to continue it or choose another --out")
+    barrier()  # every rank has checked --out before rank 0 writes into it
     if dist.is_main:
         with atomic_write(out / "recipe.yaml") as handle:
             handle.write(recipe.to_yaml())
-    return RunContext(out, local_device(requested, dist), seed, console,
+    # Only rank 0 prints: the other ranks run the same loop and would repeat every line.
+    return RunContext(out, local_device(requested, dist), seed, console if dist.is_main else Console(quiet=True),
                       max_steps=SMOKE_STEPS if smoke else None, resume=resume, dist=dist)
 
 

@@ -210,9 +210,14 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
             raise UserError(f"--set '{override}': '{part}' is a value, not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
-        node[parts[-1]] = text
+        value = text
+    if parts == ["method"] and isinstance(value, str):
+        # `--set method=ttm` switches the method: a fresh section with that method's defaults, since the
+        # old method's weights and params mean nothing to the new one (method.name=ttm keeps them).
+        value = {"name": value}
+    node[parts[-1]] = value
 
 
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:

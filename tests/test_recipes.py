@@ -34,6 +34,15 @@ def test_overrides_are_typed_and_nested() -> None:
     assert r.method.weights == {"ce": 0.1, "kd": 0.5}
 
 
+def test_set_method_switches_the_method_with_its_defaults() -> None:
+    switched = load_recipe("cifar100-resnet", ["method=ttm"])
+    assert (switched.method.name, switched.method.weights, switched.method.params) == ("ttm", {}, {})
+    renamed = load_recipe("cifar100-resnet", ["method.name=dkd", "method.weights={ce: 1.0, dkd: 1.0}"])
+    assert renamed.method.params == {"temperature": 4.0}  # method.name=... keeps the section's other keys
+    with pytest.raises(UserError, match="'method.name'.*nope"):
+        load_recipe("cifar100-resnet", ["method=nope"])
+
+
 def test_config_hash_changes_with_content() -> None:
     a, b = load_recipe("cifar100-resnet"), load_recipe("cifar100-resnet", ["train.epochs=3"])
     assert a.config_hash() == load_recipe("cifar100-resnet").config_hash()

@@ -58,3 +58,31 @@ def wrap(network: nn.Module, env: DistEnv) -> nn.Module:
 
 def unwrap(network: nn.Module) -> nn.Module:
     return network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+
+
+def _group_active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op for a single process): e.g. until rank 0 has written a checkpoint."""
+    if _group_active():
+        torch.distributed.barrier()
+
+
+def average_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Average the gradients of ``optimizer``'s parameters over the ranks (a no-op for a single process).
+
+    DistributedDataParallel only synchronises gradients of a backward that follows its own ``forward``.
+    Updates whose forward bypasses it (feature taps through ``unwrap(net).forward_features``, projectors,
+    discriminators) call this between ``backward()`` and ``step()`` so every rank applies the same update.
+    """
+    if not _group_active():
+        return
+    world = torch.distributed.get_world_size()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world)

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kdcli.data import DataBundle, make_loader
 from kdcli.engine import checkpoint
-from kdcli.engine.distributed import DistEnv, unwrap
+from kdcli.engine.distributed import DistEnv, barrier, unwrap
 from kdcli.engine.io import write_csv
 from kdcli.engine.metrics import classification_metrics, ensemble_logits, predict
 from kdcli.methods.base import Batch, Method, StepInfo
@@ -101,6 +101,7 @@ class Trainer:
             self._save(epoch)
             self._report(row)
         seconds = time.perf_counter() - started
+        barrier()  # rank 0's checkpoints are on disk before any rank goes on (e.g. to load the teacher)
         return self._summary(seconds)
 
     # -- training ---------------------------------------------------------------------------------

@@ -33,12 +33,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcli import losses
-from kdcli.engine.distributed import unwrap
+from kdcli.engine.distributed import average_gradients, unwrap
 from kdcli.errors import UserError
 from kdcli.methods import register
 from kdcli.methods.base import (
@@ -159,18 +158,6 @@ def feature_map_shape(network: nn.Module, image_size: int) -> tuple[int, int, in
 def squared_error(probabilities: Tensor, target: float) -> Tensor:
     """Least-squares GAN loss: mean over samples and outputs of (D(f) - target)²."""
     return (probabilities - target).pow(2).mean()
-
-
-def average_gradients(optimizer: torch.optim.Optimizer) -> None:
-    """Average gradients over DDP ranks: the feature and discriminator steps bypass DDP's own forward."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    world = dist.get_world_size()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad.div_(world)
 
 
 @register

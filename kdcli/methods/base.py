@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import Tensor, nn
 
+from kdcli.engine.distributed import average_gradients
 from kdcli.recipes import OptimConfig, Recipe, ScheduleConfig
 
 
@@ -98,6 +99,9 @@ class Method(nn.Module):
     default_weights: ClassVar[dict[str, float]] = {}
     optional_terms: ClassVar[tuple[str, ...]] = ()  # further terms a recipe may switch on with a weight
     needs_teacher: ClassVar[bool] = True
+    # True when loss_terms runs a network outside its DDP wrapper (e.g. ``model_features(unwrap(net), x)``):
+    # train_step then averages the gradients over ranks itself.
+    bypasses_ddp: ClassVar[bool] = False
 
     def __init__(self, networks: dict[str, nn.Module], teacher: nn.Module | None, recipe: Recipe,
                  params: MethodParams, num_classes: int) -> None:
@@ -160,6 +164,8 @@ class Method(nn.Module):
         optimizer = self.optimizers["main"]
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if self.bypasses_ddp:
+            average_gradients(optimizer)
         optimizer.step()
         logs = {name: value.detach().float() for name, value in terms.items()}
         logs["loss"] = total.detach().float()

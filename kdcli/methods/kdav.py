@@ -207,6 +207,7 @@ class KDAV(Method):
     Params = KDAVParams
     default_weights = {"ce": 1.0, "av": 1.0}
     optional_terms = ("kd", "rel")
+    bypasses_ddp = True  # the student runs through model_features(unwrap(...)), the projector is not wrapped
     params: KDAVParams
 
     def __init__(self, networks: dict[str, nn.Module], teacher: nn.Module | None, recipe: Recipe,

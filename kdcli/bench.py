@@ -8,6 +8,7 @@ per-sample reference loop (:func:`kdcli.isotonic.project_loop`) on the same inpu
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -52,14 +53,15 @@ def bench_isotonic(devices: list[str] | None = None, batch: int = 128, classes: 
 
     For every device (default: CPU, plus CUDA when available) and class count, one teacher-like batch
     (:func:`teacher_like_batch`) is built, both implementations are warmed up, then timed alternately
-    ``repeats`` times (alternating keeps background load from favouring one of them), synchronising the
-    device around each call. Times are medians in milliseconds.
+    ``repeats`` times in blocks of back-to-back calls lasting about 5 ms each (alternating keeps background
+    load from favouring one of them), synchronising the device around each block. Times are medians of
+    the per-call time in milliseconds.
 
     Args:
         devices: torch device strings; ``None`` for CPU and, if available, CUDA.
         batch: rows per call (B).
         classes: class counts (C) to test.
-        repeats: timed calls per implementation.
+        repeats: timed blocks per implementation.
         logit_noise: spread of the simulated "other" logits (larger: more violations to pool).
         num_threads: CPU intra-op threads during the benchmark (``None``: leave torch's setting).
         seed: seed of the input generator.
@@ -79,20 +81,29 @@ def bench_isotonic(devices: list[str] | None = None, batch: int = 128, classes: 
     return pd.DataFrame(rows)
 
 
-def _bench_one(device: str, inputs: list[Tensor], repeats: int) -> dict[str, object]:
+def _bench_one(device: str, inputs: list[Tensor], repeats: int, block_ms: float = 5.0) -> dict[str, object]:
     values = inputs[0]
-    times: dict[str, list[float]] = {"batched": [], "loop": []}
     solvers = {"batched": project, "loop": project_loop}
-    for solver in solvers.values():  # warm-up (allocator, kernels, lazy init)
-        for _ in range(2):
-            solver(*inputs)
-    for _ in range(repeats):
+    # Warm-up (allocator, kernels, lazy init), then calls per timed block: enough for ~block_ms, so a
+    # sub-millisecond call is timed in steady state (like timeit) rather than after the other solver
+    # has just flushed the caches, and the timer's own overhead is amortised.
+    calls = {}
+    for name, solver in solvers.items():
+        solver(*inputs)
+        calls[name] = max(1, math.ceil(block_ms / max(timed(solver, *inputs)[1], 1e-3)))
+    times: dict[str, list[float]] = {"batched": [], "loop": []}
+    for _ in range(repeats):  # alternating blocks: background load hits both implementations alike
         for name, solver in solvers.items():
-            times[name].append(timed(solver, *inputs)[1])
+            times[name].append(timed(_repeat, solver, calls[name], *inputs, device=values.device)[1] / calls[name])
     batched_ms, loop_ms = statistics.median(times["batched"]), statistics.median(times["loop"])
     diff = (project(*inputs).double() - project_loop(*inputs).double()).abs().max().item()
     return {"device": device, "B": values.shape[0], "C": values.shape[1], "batched_ms": batched_ms,
             "loop_ms": loop_ms, "speedup": loop_ms / batched_ms, "max_abs_diff": diff}
+
+
+def _repeat(call: Callable[..., object], times: int, *args: object) -> None:
+    for _ in range(times):
+        call(*args)
 
 
 def timed(call: Callable[..., T], *args: object, device: torch.device | None = None) -> tuple[T, float]:

@@ -60,7 +60,8 @@ def project(values: Tensor, primary: Tensor, secondary: Tensor) -> Tensor:
 
     Labels below a per-row floor (for example ``min(p_a, p_b)``; a tighter one is used, see
     ``_absorption_floor``) can never be absorbed, so they are masked to ``-inf`` before the sort; this
-    changes nothing in the result and makes the sort much cheaper when few labels violate.
+    changes nothing in the result. On the CPU only the candidates are sorted (``topk`` to the largest
+    candidate count), which makes the sort and every scan after it much cheaper when few labels violate.
 
     Properties: the optimum is unique; the row sum is preserved and entries stay within the row's
     ``[min, max]`` (probability vectors stay probability vectors); the map is idempotent; a row with no
@@ -70,7 +71,8 @@ def project(values: Tensor, primary: Tensor, secondary: Tensor) -> Tensor:
     reversed pair in floating point either.
 
     Complexity: ``O(B C log C)`` time for the batched sort plus ``O(B C)`` for the scans, ``O(B C)``
-    memory; a few dozen tensor operations, no Python loop and no host-device synchronisation.
+    memory; a few dozen tensor operations, no Python loop, and on accelerators no host-device
+    synchronisation (the CPU reads one candidate count to size the ``topk``).
 
     Args:
         values: ``(B, C)`` float32 or float64 tensor (probabilities or logits: the solver does not care);
@@ -81,63 +83,92 @@ def project(values: Tensor, primary: Tensor, secondary: Tensor) -> Tensor:
     Returns:
         ``(B, C)`` tensor of the dtype of ``values``.
     """
-    a_index, b_index, has_b, is_original = _roles(values, primary, secondary)
+    a_index, b_index, has_b = _roles(values, primary, secondary)
     work = values if values.dtype in (torch.float32, torch.float64) else values.float()
     p_a = work.gather(1, a_index[:, None]).squeeze(1)
     p_b = work.gather(1, b_index[:, None]).squeeze(1)  # star rows: b_index == a_index, so p_b == p_a
 
-    # Only the others that can be absorbed are sorted; the rest become -inf, which never passes an
-    # absorption test and makes the sort far cheaper (see _absorption_floor).
-    candidate = (work >= _absorption_floor(work, p_a, p_b, has_b, is_original)[:, None]) & ~is_original
-    others, order = work.masked_fill(~candidate, float("-inf")).sort(dim=1, descending=True)
-    prefix = F.pad(others.nan_to_num(neginf=0.0).cumsum(dim=1), (1, 0))  # prefix[:, j] = cs_j, (B, C + 1)
+    # The others alone (the original labels at -inf); of these, only the ones that can be absorbed are
+    # sorted, the rest become -inf too, which never passes an absorption test (see _absorption_floor).
+    others = work.scatter(1, a_index[:, None], float("-inf")).scatter_(1, b_index[:, None], float("-inf"))
+    floor = _absorption_floor(others.amax(dim=1), p_a, p_b)
+    others = others.masked_fill_(others < floor[:, None], float("-inf"))
+    values_sorted, order = _sorted_candidates(others)
+    # prefix[:, j] = cs_j (B, K + 1); the -inf tail makes later sums -inf, which no test or level reads.
+    prefix = F.pad(values_sorted.cumsum(dim=1), (1, 0))
     slot = torch.arange(prefix.shape[1], device=work.device)
 
-    k1, level1 = _absorb(others, prefix, slot, p_b, 1)  # block of b (of a in star rows)
-    k2, level2 = _absorb(others, prefix, slot, p_a + p_b, 2, already=k1)  # a joins b's block
+    k1, k2, level1, level2 = _pool(values_sorted, prefix, slot, p_a, p_b)
     pool_a = has_b & (level1 > p_a)
     absorbed = torch.where(pool_a, k2, k1)
-    level = torch.where(pool_a, level2, level1)
+    level = torch.where(pool_a, level2, level1)[:, None]
 
-    pooled = torch.zeros_like(is_original).scatter(1, order, slot[None, :-1] < absorbed[:, None])
-    pooled.scatter_(1, b_index[:, None], True)
-    pooled.scatter_(1, a_index[:, None], (pool_a | ~has_b)[:, None])
-    return torch.where(pooled, level[:, None], work).to(values.dtype)
+    # Write back: absorbed others and b get the level, a too when pooled (always in star rows, where
+    # b_index == a_index); every other entry, the unsorted -inf ones included, keeps its input value.
+    absorbed_slot = slot[None, :-1] < absorbed[:, None]
+    out = work.scatter(1, order, torch.where(absorbed_slot, level, work.gather(1, order)))
+    out.scatter_(1, b_index[:, None], level)
+    out.scatter_(1, a_index[:, None], torch.where((pool_a | ~has_b)[:, None], level, p_a[:, None]))
+    return out.to(values.dtype)
 
 
-def _absorption_floor(work: Tensor, p_a: Tensor, p_b: Tensor, has_b: Tensor, is_original: Tensor) -> Tensor:
+def _sorted_candidates(others: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows of ``others`` in descending order, ``(values, indices)``, cut after the last finite entry.
+
+    Every row keeps at least one trailing ``-inf`` (a's own slot at least), so the absorption scan always
+    finds a failed test. On the CPU the width is cut to the largest candidate count plus one with
+    ``topk``, which is much cheaper than a full sort when few labels violate; on other devices the cut
+    would need a host synchronisation, so they sort the full rows.
+    """
+    if others.device.type != "cpu":
+        return others.sort(dim=1, descending=True)
+    width = int((others > float("-inf")).sum(dim=1).max()) + 1
+    return others.topk(min(width, others.shape[1]), dim=1)
+
+
+def _absorption_floor(top_other: Tensor, p_a: Tensor, p_b: Tensor) -> Tensor:
     """A value below which no other label can be absorbed into a block, per row.
 
-    With ``v`` the largest other: a phase absorbs ``v`` first and afterwards only values above its
-    (rising) mean, so everything it absorbs is ``>= (base + v) / 2``: ``(p_b + v) / 2`` for ``b``'s block,
-    ``(p_a + v) / 2`` for the star. When ``a`` joins, the block mean is at least ``(p_a + p_b) / 2``
-    (nothing absorbed before) or ``(p_a + p_b + v) / 3`` (at least one absorbed, each with weight on the
-    old mean ``> p_a``). The floor is moved 1% of the way back to ``min(p_a, p_b)``, which is always a
-    valid floor, as a margin against rounding in the computed means.
+    With ``v = top_other`` the largest other: a phase absorbs ``v`` first and afterwards only values
+    above its (rising) mean, so everything ``b``'s block absorbs is ``>= (p_b + v) / 2``. When ``a``
+    joins, the block mean is at least ``(p_a + p_b) / 2`` (nothing absorbed before) or
+    ``(p_a + p_b + v) / 3`` (at least one absorbed, each with weight on the old mean ``> p_a``). In star
+    rows ``p_b == p_a`` and the same formula gives ``p_a`` or more whenever ``v > p_a``, below the star's
+    own bound ``(p_a + v) / 2``, so it holds there too. The floor is moved 1% of the way back to
+    ``min(p_a, p_b)``, which is always a valid floor, as a margin against rounding in the computed means.
     """
-    top_other = work.masked_fill(is_original, float("-inf")).amax(dim=1)
-    chain = torch.minimum(torch.minimum(p_b + top_other, p_a + p_b) / 2, (p_a + p_b + top_other) / 3)
-    floor = torch.where(has_b, chain, (p_a + top_other) / 2)
+    pair = p_a + p_b
+    floor = torch.minimum(torch.minimum(p_b + top_other, pair) / 2, (pair + top_other) / 3)
     return torch.lerp(floor, torch.minimum(p_a, p_b), 0.01)
 
 
-def _absorb(others: Tensor, prefix: Tensor, slot: Tensor, base: Tensor, base_size: int,
-            already: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One pooling phase of :func:`project`: how many sorted others a block absorbs, and its level.
+def _pool(values_sorted: Tensor, prefix: Tensor, slot: Tensor, p_a: Tensor,
+          p_b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both pooling phases of :func:`project`: how many sorted others each block absorbs, and its level.
 
-    The block starts as ``base_size`` labels summing to ``base``, plus the first ``already`` others.
-    ``means[:, j]`` is the block mean after absorbing ``j`` others; the ``j+1``-th other is absorbed if it
-    exceeds ``means[:, j]``. The final level is read from the same ``means`` tensor that the tests used,
-    so the first left-out value is ``<=`` the level bitwise. ``slot`` is ``arange(C + 1)``.
+    Phase 1 starts from ``b`` alone (base ``p_b``, size 1), phase 2 from ``a`` and ``b`` plus the ``k1``
+    others of phase 1 (base ``p_a + p_b``, size 2). ``means[i, :, j]`` is phase ``i``'s block mean after
+    absorbing ``j`` others, and the ``j+1``-th other is absorbed if it exceeds it. The two phases share
+    every tensor operation (a leading axis of 2) except the count, which phase 2 needs from phase 1.
+    Each level is read from the same ``means`` that the tests used, so the first left-out value is
+    ``<=`` its level bitwise. ``slot`` is ``arange(K + 1)``. Returns ``k1, k2, level1, level2``.
     """
-    means = (base[:, None] + prefix) / (slot + base_size).to(prefix.dtype)
-    passes = others > means[:, :-1]
-    if already is not None:
-        passes |= slot[None, :-1] < already[:, None]
-    # The last sorted slot is always -inf (a is never an "other"), so every row has a failed test:
-    # the index of the first failure is the length of the leading run of passes.
-    count = passes.to(torch.uint8).argmin(dim=1)
-    return count, means.gather(1, count[:, None]).squeeze(1)
+    base = torch.stack([p_b, p_a + p_b])[:, :, None]  # (2, B, 1)
+    sizes = torch.arange(1, 3, dtype=prefix.dtype, device=prefix.device)[:, None, None] + slot  # (2, 1, K + 1)
+    means = (base + prefix) / sizes
+    passes = values_sorted > means[..., :-1]  # (2, B, K)
+    k1 = _first_failure(passes[0])
+    k2 = _first_failure(passes[1] | (slot[:-1] < k1[:, None]))
+    levels = means.gather(2, torch.stack([k1, k2])[:, :, None]).squeeze(2)
+    return k1, k2, levels[0], levels[1]
+
+
+def _first_failure(passes: Tensor) -> Tensor:
+    """Index of the first ``False`` per row: the length of the leading run of passed tests.
+
+    Every row has a failure: the last sorted slot is always ``-inf`` (``a`` is never an "other").
+    """
+    return passes.to(torch.uint8).argmin(dim=-1)
 
 
 def project_loop(values: Tensor, primary: Tensor, secondary: Tensor) -> Tensor:
@@ -211,7 +242,8 @@ def order_penalty(probs: Tensor, primary: Tensor, secondary: Tensor, reduction: 
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    a_index, b_index, has_b, is_original = _roles(probs, primary, secondary)
+    a_index, b_index, has_b = _roles(probs, primary, secondary)
+    is_original = _original_mask(probs, a_index, b_index)
     min_original = probs.masked_fill(~is_original, float("inf")).amin(dim=1)
     max_other = probs.masked_fill(is_original, float("-inf")).amax(dim=1)
     q_a = probs.gather(1, a_index[:, None]).squeeze(1)
@@ -274,7 +306,8 @@ def violation_stats(soft: Tensor, primary: Tensor, secondary: Tensor, lam: Tenso
         lam: optional ``(B,)`` weight of the un-permuted label (``MixedBatch.lam``); only its exact ties
             ``lam == 0.5`` matter (the ``(a, b)`` pair is then not known). ``None``: no ties.
     """
-    a_index, b_index, has_b, is_original = _roles(soft, primary, secondary)
+    a_index, b_index, has_b = _roles(soft, primary, secondary)
+    is_original = _original_mask(soft, a_index, b_index)
     p_a = soft.gather(1, a_index[:, None])
     p_b = soft.gather(1, b_index[:, None])
     other = ~is_original
@@ -306,7 +339,6 @@ class _Roles(NamedTuple):
     a_index: Tensor  # (B,) int64 primary label
     b_index: Tensor  # (B,) int64 secondary label where it exists, else the primary (keeps gathers in range)
     has_b: Tensor  # (B,) bool
-    is_original: Tensor  # (B, C) bool mask of the original labels
 
 
 def _roles(values: Tensor, primary: Tensor, secondary: Tensor) -> _Roles:
@@ -319,6 +351,10 @@ def _roles(values: Tensor, primary: Tensor, secondary: Tensor) -> _Roles:
     primary, secondary = primary.long(), secondary.long()
     has_b = (secondary >= 0) & (secondary != primary)
     b_index = torch.where(has_b, secondary, primary)
-    is_original = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
-    is_original.scatter_(1, primary[:, None], True).scatter_(1, b_index[:, None], True)
-    return _Roles(primary, b_index, has_b, is_original)
+    return _Roles(primary, b_index, has_b)
+
+
+def _original_mask(values: Tensor, a_index: Tensor, b_index: Tensor) -> Tensor:
+    """``(B, C)`` bool mask of each row's original labels."""
+    mask = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    return mask.scatter_(1, a_index[:, None], True).scatter_(1, b_index[:, None], True)

@@ -12,6 +12,7 @@ import itertools
 import pytest
 import torch
 
+from kdcli import isotonic
 from kdcli.augment import label_roles
 from kdcli.bench import bench_isotonic, teacher_like_batch
 from kdcli.isotonic import ViolationStats, order_penalty, project, project_loop, violation_stats
@@ -218,6 +219,15 @@ def test_rows_without_violation_are_returned_bitwise(dtype: torch.dtype) -> None
     assert torch.equal(project(values, primary, secondary), values)
     tied = torch.full((4, 6), 0.25, dtype=dtype)  # all equal: feasible, nothing to pool
     assert torch.equal(project(tied, torch.tensor([0, 1, 2, 3]), torch.tensor([1, -1, 5, 0])), tied)
+
+
+def test_cpu_candidate_cut_equals_the_full_sort_of_accelerators(monkeypatch) -> None:
+    """The CPU sorts only the candidates (topk); CUDA sorts full rows. Both must give the same bits."""
+    values, primary, secondary = make_instances(300, 100, seed=21)
+    values[:, :7] = values[:, 7:8]  # ties among the others
+    cut = project(values, primary, secondary)
+    monkeypatch.setattr(isotonic, "_sorted_candidates", lambda others: others.sort(dim=1, descending=True))
+    assert torch.equal(project(values, primary, secondary), cut)
 
 
 def test_project_low_precision_is_solved_in_float32_and_cast_back() -> None:

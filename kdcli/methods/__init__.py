@@ -14,10 +14,16 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def get_method(name: str) -> type[Method]:
+def method_names() -> list[str]:
+    """Every registered method name, sorted (the built-in ones are imported first)."""
     _load_builtin()
-    if name not in METHODS:
-        raise UserError(f"unknown method '{name}'; choose one of {', '.join(sorted(METHODS))} (see `kdcli list methods`)")
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in method_names():
+        raise UserError(f"unknown method '{name}'; choose one of {', '.join(method_names())} "
+                        "(see `kdcli list methods`)")
     return METHODS[name]
 
 
@@ -50,5 +56,5 @@ def _load_builtin() -> None:
             importlib.import_module(f"{__name__}.{module.name}")
 
 
-__all__ = ["Batch", "Method", "StepInfo", "StepOutput", "METHODS", "register", "get_method",
+__all__ = ["Batch", "Method", "StepInfo", "StepOutput", "METHODS", "register", "get_method", "method_names",
            "validate_method_config", "describe_methods"]

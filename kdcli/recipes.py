@@ -26,7 +26,15 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 @dataclass
 class DataConfig:
-    """Dataset, splits and per-sample augmentation (see :class:`kdcli.data.DataSpec`)."""
+    """The recipe's ``data`` section: dataset, splits and augmentation (:func:`kdcli.data.build_data` takes it).
+
+    ``root`` is the torchvision root for CIFAR and, for ``imagefolder``, a tree with ``train/`` and ``val/``
+    (or ``test/``) class folders. ``val_fraction`` carves a stratified, ``data_seed``-seeded validation split
+    out of train; test is never touched. ``crop_padding`` is the zero padding of the random crop for in-memory
+    datasets (0 disables the crop); for ``imagefolder`` any value > 0 enables RandomResizedCrop instead.
+    ``num_classes``/``train_size``/``test_size`` apply to ``synthetic`` only, ``image_size``/``num_workers``
+    to ``imagefolder`` only (CIFAR and synthetic are 32x32).
+    """
 
     dataset: Literal["synthetic", "cifar10", "cifar100", "imagefolder"] = "synthetic"
     root: str = "~/.cache/kdcli/data"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from kdcli.data import (
-    DataSpec,
+    DataConfig,
     TensorSplit,
     build_data,
     make_loader,
@@ -70,8 +70,8 @@ def test_synthetic_shapes_range_and_balance(generated):
 
 
 def test_synthetic_test_split_does_not_depend_on_train_size():
-    small = build_data(DataSpec("synthetic", train_size=100, test_size=60))
-    large = build_data(DataSpec("synthetic", train_size=300, test_size=60))
+    small = build_data(DataConfig("synthetic", train_size=100, test_size=60))
+    large = build_data(DataConfig("synthetic", train_size=300, test_size=60))
     assert torch.equal(small.test.images, large.test.images)
     assert not torch.equal(small.test.images, small.train.images[:60])
 
@@ -122,7 +122,7 @@ def test_separable_rendering_equals_direct_evaluation():
 
 
 def test_build_synthetic_bundle():
-    bundle = build_data(DataSpec("synthetic", num_classes=25, train_size=500, test_size=100, val_fraction=0.2))
+    bundle = build_data(DataConfig("synthetic", num_classes=25, train_size=500, test_size=100, val_fraction=0.2))
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (400, 100, 100)
     assert bundle.num_classes == 25 and bundle.image_size == 32 and bundle.class_names[:2] == ["class_00", "class_01"]
     full, _ = synthetic_split(25, 500, seed=0, split="train")
@@ -199,7 +199,7 @@ def test_py2_pickle_matches_original_cifar_layout(tmp_path):
 
 def test_cifar100_reads_real_format_through_torchvision(tmp_path):
     files = _write_cifar100(tmp_path)
-    bundle = build_data(DataSpec("cifar100", root=str(tmp_path)))
+    bundle = build_data(DataConfig("cifar100", root=str(tmp_path)))
     expected = torch.from_numpy(files["train"]["data"]).view(12, 3, 32, 32)
     assert torch.equal(bundle.train.images, expected)  # rows are R, G, B planes of 32x32
     assert bundle.train.labels.tolist() == files["train"]["fine_labels"]
@@ -217,7 +217,7 @@ def test_cifar10_reads_real_format_through_torchvision(tmp_path):
     _write_py2_pickle(folder / "test_batch", _cifar_batch(4, "labels", 10, 9))
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     _write_py2_pickle(folder / "batches.meta", {"label_names": names, "num_cases_per_batch": 3, "num_vis": 3072})
-    bundle = build_data(DataSpec("cifar10", root=str(tmp_path), val_fraction=0.0))
+    bundle = build_data(DataConfig("cifar10", root=str(tmp_path), val_fraction=0.0))
     expected = torch.from_numpy(np.concatenate([b["data"] for b in batches])).view(15, 3, 32, 32)
     assert torch.equal(bundle.train.images, expected)
     assert bundle.train.labels.tolist() == [label for b in batches for label in b["labels"]]
@@ -227,7 +227,7 @@ def test_cifar10_reads_real_format_through_torchvision(tmp_path):
 
 def test_missing_cifar_is_one_line_user_error(tmp_path):
     with pytest.raises(UserError) as error:
-        build_data(DataSpec("cifar100", root=str(tmp_path)))
+        build_data(DataConfig("cifar100", root=str(tmp_path)))
     message = str(error.value)
     assert "\n" not in message
     assert str(tmp_path) in message and "cifar-100-python/" in message and "data.download=true" in message
@@ -239,16 +239,16 @@ def test_failed_download_is_one_line_user_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cifar_module, "download_and_extract_archive", offline)
     with pytest.raises(UserError) as error:
-        build_data(DataSpec("cifar10", root=str(tmp_path), download=True))
+        build_data(DataConfig("cifar10", root=str(tmp_path), download=True))
     assert "\n" not in str(error.value)
     assert "download" in str(error.value) and str(tmp_path / "cifar-10-batches-py") in str(error.value)
 
 
 def test_unknown_dataset_and_bad_fraction_are_user_errors():
     with pytest.raises(UserError, match="unknown dataset"):
-        build_data(DataSpec("mnist"))
+        build_data(DataConfig("mnist"))
     with pytest.raises(UserError, match="val_fraction"):
-        build_data(DataSpec("synthetic", val_fraction=1.0))
+        build_data(DataConfig("synthetic", val_fraction=1.0))
 
 
 # ----------------------------------------------------------------------------------------- splits
@@ -264,8 +264,8 @@ def test_stratified_split_is_stratified_disjoint_and_seeded():
 
 
 def test_val_carve_out_leaves_test_untouched():
-    plain = build_data(DataSpec("synthetic", train_size=200, test_size=40))
-    carved = build_data(DataSpec("synthetic", train_size=200, test_size=40, val_fraction=0.25))
+    plain = build_data(DataConfig("synthetic", train_size=200, test_size=40))
+    carved = build_data(DataConfig("synthetic", train_size=200, test_size=40, val_fraction=0.25))
     assert torch.equal(plain.test.images, carved.test.images)
     keep, held = stratified_split(plain.train.labels, 0.25, seed=0)
     assert torch.equal(carved.train.images, plain.train.images[keep])
@@ -390,7 +390,7 @@ def _write_tree(root: Path, counts: dict[str, int]) -> None:
 
 def test_imagefolder_tree(tmp_path):
     _write_tree(tmp_path, {"train": 4, "val": 2})
-    bundle = build_data(DataSpec("imagefolder", root=str(tmp_path), image_size=16, num_workers=0))
+    bundle = build_data(DataConfig("imagefolder", root=str(tmp_path), image_size=16, num_workers=0))
     assert bundle.class_names == ["apple", "sky"] and bundle.num_classes == 2 and bundle.image_size == 16
     assert (len(bundle.train), len(bundle.test)) == (8, 4) and bundle.train.labels.tolist() == [0] * 4 + [1] * 4
     images, labels, indices = next(iter(make_loader(bundle.test, 4, train=False, device=CPU, seed=0)))
@@ -402,7 +402,7 @@ def test_imagefolder_tree(tmp_path):
 
 def test_imagefolder_training_views_are_seeded_and_worker_independent(tmp_path):
     _write_tree(tmp_path, {"train": 4, "test": 1})
-    spec = DataSpec("imagefolder", root=str(tmp_path), image_size=12, num_workers=0, val_fraction=0.5)
+    spec = DataConfig("imagefolder", root=str(tmp_path), image_size=12, num_workers=0, val_fraction=0.5)
     bundle = build_data(spec)
     assert len(bundle.val) == 4 and bundle.val.labels.tolist() == [0, 0, 1, 1]
     serial = make_loader(bundle.train, 2, train=True, device=CPU, seed=7)
@@ -416,7 +416,7 @@ def test_imagefolder_training_views_are_seeded_and_worker_independent(tmp_path):
 def test_imagefolder_missing_folders_name_the_path(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(UserError) as error:
-        build_data(DataSpec("imagefolder", root=str(tmp_path)))
+        build_data(DataConfig("imagefolder", root=str(tmp_path)))
     assert str(tmp_path) in str(error.value) and "val/" in str(error.value)
 
 

@@ -6,7 +6,7 @@
 
 Usage::
 
-    bundle = build_data(DataSpec("cifar100", download=True, val_fraction=0.1))
+    bundle = build_data(DataConfig("cifar100", download=True, val_fraction=0.1))
     loader = make_loader(bundle.train, 64, train=True, device=torch.device("cuda"), seed=0)
     for epoch in range(epochs):
         loader.set_epoch(epoch)
@@ -16,8 +16,9 @@ Usage::
 from kdcli.data.build import build_data, smoke_data
 from kdcli.data.folder import FolderSplit
 from kdcli.data.loader import BatchLoader, make_loader
-from kdcli.data.spec import DataBundle, DataSpec, Split
+from kdcli.data.spec import DataBundle, Split
 from kdcli.data.splits import TensorSplit
+from kdcli.recipes import DataConfig
 
-__all__ = ["BatchLoader", "DataBundle", "DataSpec", "FolderSplit", "Split", "TensorSplit", "build_data",
+__all__ = ["BatchLoader", "DataBundle", "DataConfig", "FolderSplit", "Split", "TensorSplit", "build_data",
            "make_loader", "smoke_data"]

@@ -1,18 +1,19 @@
-"""Turn a :class:`DataSpec` into a :class:`DataBundle` (and the generated stand-in used by ``--smoke``)."""
+"""Turn a :class:`DataConfig` into a :class:`DataBundle` (and the generated stand-in used by ``--smoke``)."""
 
 from __future__ import annotations
 
 from kdcli.data.cifar import CIFAR, load_cifar
 from kdcli.data.folder import load_imagefolder
-from kdcli.data.spec import DataBundle, DataSpec
+from kdcli.data.spec import DataBundle
 from kdcli.data.splits import TensorSplit, channel_stats, stratified_split
 from kdcli.data.synthetic import synthetic_split
 from kdcli.errors import UserError
+from kdcli.recipes import DataConfig
 
 DATASETS = ("synthetic", *CIFAR, "imagefolder")
 
 
-def build_data(spec: DataSpec) -> DataBundle:
+def build_data(spec: DataConfig) -> DataBundle:
     """Load (or generate) the dataset of ``spec`` and carve the validation split out of train."""
     if spec.dataset not in DATASETS:
         raise UserError(f"unknown dataset {spec.dataset!r}; choose one of {', '.join(DATASETS)}")

@@ -25,7 +25,7 @@ import torch
 from rich.markup import escape
 from torch import nn
 
-from kdcli.data import DataBundle, DataSpec, build_data, smoke_data
+from kdcli.data import DataBundle, build_data, smoke_data
 from kdcli.engine.checkpoint import load_model
 from kdcli.engine.distributed import wrap
 from kdcli.engine.io import write_csv
@@ -66,8 +66,7 @@ def prepare_data(recipe: Recipe, smoke: bool) -> DataBundle:
         if cfg.dataset == "imagefolder":
             num_classes = _folder_classes(cfg.root) or cfg.num_classes
         return smoke_data(num_classes, cfg.image_size, seed=cfg.data_seed)
-    spec = DataSpec(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(DataSpec)})
-    return build_data(spec)
+    return build_data(cfg)
 
 
 def _folder_classes(root: str) -> int:

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -76,12 +75,12 @@ def _load(recipe: str, overrides: Optional[List[str]], smoke: bool):
 def _context(recipe, out: Optional[Path], device: str, seed: int, smoke: bool, resume: bool, command: str):
     from kdcli.engine.distributed import barrier, init_distributed, local_device
     from kdcli.engine.io import atomic_write
-    from kdcli.engine.pipeline import SMOKE_STEPS, resolve_device
+    from kdcli.engine.pipeline import SMOKE_STEPS, default_out_dir, resolve_device
     from kdcli.engine.trainer import RunContext
 
     requested = resolve_device(device)
     dist = init_distributed(requested)
-    out = out or Path("runs") / f"{recipe.name}-{command}-{datetime.now():%Y%m%d-%H%M%S}"
+    out = out or default_out_dir(recipe.name, command)
     if resume and not out.is_dir():
         raise UserError(f"--resume: {out} does not exist; pass the --out directory of the interrupted run")
     if not resume and out.is_dir() and any(out.iterdir()):

@@ -79,16 +79,22 @@ def parse_augmentations(text: str) -> list[str]:
 def teacher_source(recipe: Recipe, checkpoint: Path | None, arch: str | None, smoke: bool) -> tuple[Path | None, str]:
     """Which teacher to measure: ``(checkpoint path, architecture)``, checked before any data is built.
 
-    The path is ``checkpoint``, else the recipe's ``teacher.checkpoint``; the architecture is ``arch``,
-    else the checkpoint's sidecar, else the recipe's ``teacher.arch``. With ``smoke`` a missing checkpoint
-    is allowed (``None``): a randomly initialised teacher stands in.
+    The path is ``checkpoint``, else the recipe's ``teacher.checkpoint``, else the teacher of the newest
+    ``kdcli distill``/``train-teacher`` run of this recipe under ``runs/`` (so ``kdcli measure-violations
+    --recipe quickstart`` measures the teacher that the quickstart just trained). The architecture is
+    ``arch``, else the checkpoint's sidecar, else the recipe's ``teacher.arch``. With ``smoke`` a missing
+    checkpoint is allowed (``None``): a randomly initialised teacher stands in.
     """
+    from kdcli.engine.pipeline import newest_trained_teacher
+
     path = checkpoint or (Path(recipe.teacher.checkpoint) if recipe.teacher and recipe.teacher.checkpoint else None)
+    if path is None and not smoke:
+        path = newest_trained_teacher(recipe.name)
     path = path.expanduser() if path is not None else None
     if path is None and not smoke:
-        raise UserError(f"recipe '{recipe.name}' gives no teacher checkpoint; pass --checkpoint PATH, e.g. train one "
-                        f"with `kdcli train-teacher --recipe {recipe.name} --out runs/teacher` and pass "
-                        "--checkpoint runs/teacher/teacher/checkpoints/teacher-best.safetensors")
+        raise UserError(f"recipe '{recipe.name}' gives no teacher checkpoint and runs/ has no trained one; "
+                        f"run `kdcli distill --recipe {recipe.name}` (or `kdcli train-teacher --recipe "
+                        f"{recipe.name}`) first, or pass --checkpoint PATH")
     if path is not None and not path.is_file():
         if not smoke:
             raise UserError(f"teacher checkpoint {path} does not exist; check --checkpoint (or teacher.checkpoint)")

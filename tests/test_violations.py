@@ -4,6 +4,7 @@ labels on mixed images are known exactly, determinism, teacher resolution, and t
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -152,7 +153,8 @@ def test_bad_arguments_are_user_errors() -> None:
         measure(samples=0)
 
 
-def test_teacher_source(tmp_path: Path) -> None:
+def test_teacher_source(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no runs/ here
     recipe = load_recipe("quickstart")
     with pytest.raises(UserError, match="train-teacher"):
         teacher_source(recipe, None, None, smoke=False)
@@ -201,10 +203,27 @@ def test_plot_writes_a_png(tiny_recipe, tmp_path: Path) -> None:
     assert (tmp_path / "tau.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_measure_violations_without_a_teacher_checkpoint_says_how_to_get_one() -> None:
+def test_measure_violations_without_a_teacher_checkpoint_says_how_to_get_one(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no runs/ here
     result = runner.invoke(app, ["measure-violations", "--recipe", "quickstart"])
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2 and len(lines) == 1 and "kdcli train-teacher --recipe quickstart" in lines[0]
+    assert result.exit_code == 2 and len(lines) == 1 and "kdcli distill --recipe quickstart" in lines[0]
+
+
+def test_teacher_source_finds_the_newest_run_of_exactly_this_recipe(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("quickstart")
+    teachers = {}
+    for run in ("quickstart-distill-20260101-000000", "quickstart-train-teacher-20260102-000000",
+                "quickstart-ida-distill-20260103-000000"):
+        directory = tmp_path / "runs" / run / "teacher" / "checkpoints"
+        teachers[run] = save_weights(create_model("resnet8", 20), directory / "teacher-best",
+                                     {"arch": "resnet8", "num_classes": 20})
+    os.utime(teachers["quickstart-distill-20260101-000000"], (2e9, 2e9))  # the newest file of a quickstart run
+    path, arch = teacher_source(recipe, None, None, smoke=False)
+    assert path == Path("runs/quickstart-distill-20260101-000000/teacher/checkpoints/teacher-best.safetensors")
+    assert arch == "resnet8"
+    assert teacher_source(load_recipe("quickstart-ida"), None, None, smoke=False)[0].parts[1].startswith("quickstart-ida")
 
 
 def test_bench_isotonic_command(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import dataclasses
 import platform
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -56,6 +57,26 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
     train = dataclasses.replace(recipe.train, epochs=1, batch_size=min(recipe.train.batch_size, SMOKE_BATCH),
                                 eval_batch_size=min(recipe.train.eval_batch_size, 2 * SMOKE_BATCH), eval_split="test")
     return dataclasses.replace(recipe, train=train)
+
+
+RUNS_DIR = Path("runs")
+TEACHER_CHECKPOINT = Path("teacher") / "checkpoints" / "teacher-best.safetensors"  # inside a run's --out
+
+
+def default_out_dir(recipe_name: str, command: str) -> Path:
+    """Where a run goes without --out: ``runs/<recipe>-<command>-<time>``."""
+    return RUNS_DIR / f"{recipe_name}-{command}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def newest_trained_teacher(recipe_name: str) -> Path | None:
+    """The best teacher checkpoint of the newest finished default-``--out`` run of this recipe, if any.
+
+    Only ``train-teacher`` and ``distill`` runs of exactly this recipe count (``quickstart-ida-...`` is not
+    a ``quickstart`` run); the newest checkpoint file wins.
+    """
+    found = [path for command in ("train-teacher", "distill")
+             for path in RUNS_DIR.glob(f"{recipe_name}-{command}-*/{TEACHER_CHECKPOINT}")]
+    return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
 def prepare_data(recipe: Recipe, smoke: bool) -> DataBundle:
@@ -136,7 +157,7 @@ def distill(recipe: Recipe, ctx: RunContext, smoke: bool) -> list[RunSummary]:
         path = recipe.teacher.checkpoint
         if path is None:
             summaries += train_teacher(recipe, ctx, smoke)
-            path = str(ctx.out_dir / "teacher" / "checkpoints" / "teacher-best.safetensors")
+            path = str(ctx.out_dir / TEACHER_CHECKPOINT)
         teacher = load_teacher(path, recipe.teacher.arch, data.num_classes, smoke, ctx.console).to(ctx.device)
     networks = method_cls.networks_for(recipe)
     if recipe.train.baseline:

@@ -47,3 +47,26 @@ def tiny_recipe(tmp_path: Path):
         return _write_tiny(tmp_path / name, method, epochs, baseline)
 
     return make
+
+
+@pytest.fixture
+def interrupted(monkeypatch):
+    """``interrupted(run, epoch=1)``: call ``run()`` with training killed (KeyboardInterrupt) as ``epoch`` starts."""
+    from kdcli.engine.trainer import Trainer
+
+    def run_killed(run, epoch: int = 1) -> None:
+        real_epoch = Trainer._train_epoch
+
+        def killed(self, current: int):
+            if current == epoch:
+                raise KeyboardInterrupt
+            return real_epoch(self, current)
+
+        monkeypatch.setattr(Trainer, "_train_epoch", killed)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run()
+        finally:
+            monkeypatch.setattr(Trainer, "_train_epoch", real_epoch)
+
+    return run_killed

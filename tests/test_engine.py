@@ -15,7 +15,7 @@ from kdcli.engine import pipeline
 from kdcli.engine.checkpoint import load_model, read_state_dict
 from kdcli.engine.io import atomic_write, write_json
 from kdcli.engine.metrics import agreement_metrics, classification_metrics, ensemble_logits, expected_calibration_error
-from kdcli.engine.trainer import RunContext, Trainer
+from kdcli.engine.trainer import RunContext
 from kdcli.errors import UserError
 from kdcli.methods.base import build_scheduler
 from kdcli.recipes import ScheduleConfig, load_recipe
@@ -25,21 +25,11 @@ def _ctx(out: Path, resume: bool = False) -> RunContext:
     return RunContext(out, torch.device("cpu"), seed=5, console=Console(quiet=True), resume=resume)
 
 
-def test_resume_after_a_kill_is_bit_exact(tiny_recipe, tmp_path, monkeypatch) -> None:
+def test_resume_after_a_kill_is_bit_exact(tiny_recipe, tmp_path, interrupted) -> None:
     recipe = load_recipe(str(tiny_recipe(method="ce", epochs=3)))
     straight = pipeline.train_teacher(recipe, _ctx(tmp_path / "a"), smoke=False)[0]
 
-    real_epoch = Trainer._train_epoch
-
-    def killed_at_second_epoch(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch)
-
-    monkeypatch.setattr(Trainer, "_train_epoch", killed_at_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.train_teacher(recipe, _ctx(tmp_path / "b"), smoke=False)
-    monkeypatch.setattr(Trainer, "_train_epoch", real_epoch)
+    interrupted(lambda: pipeline.train_teacher(recipe, _ctx(tmp_path / "b"), smoke=False))
     resumed = pipeline.train_teacher(recipe, _ctx(tmp_path / "b", resume=True), smoke=False)[0]
 
     a = load_file(tmp_path / "a/teacher/checkpoints/teacher-last.safetensors")

@@ -17,31 +17,17 @@ import pandas as pd
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary sibling of ``path`` for writing; on success it atomically replaces ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def _replacing(path: str | Path) -> Iterator[str]:
+    """A temporary sibling of ``path``: fsynced and renamed over ``path`` if the block succeeds, else removed.
 
-
-def atomic_save(path: str | Path, save: Callable[[str], None]) -> None:
-    """Atomically write a file produced by a library function that takes a filename (safetensors, ONNX...)."""
+    The rename is atomic, so readers (and a run killed halfway) see the old file or the new one, never a part.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save(tmp)
+        yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -49,6 +35,19 @@ def atomic_save(path: str | Path, save: Callable[[str], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary sibling of ``path`` for writing; on success it atomically replaces ``path``."""
+    with _replacing(path) as tmp, open(tmp, mode) as handle:
+        yield handle
+
+
+def atomic_save(path: str | Path, save: Callable[[str], None]) -> None:
+    """Atomically write a file produced by a library function that takes a filename (safetensors, ONNX...)."""
+    with _replacing(path) as tmp:
+        save(tmp)
 
 
 def write_json(path: str | Path, data: Any) -> None:

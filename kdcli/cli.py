@@ -246,6 +246,8 @@ def measure_violations(
         violations.require_matplotlib()
     resolved = _load(recipe, set_, smoke)
     path, arch = violations.teacher_source(resolved, checkpoint, arch, smoke)
+    if path is not None:
+        _say(f"teacher: {path} ({arch})")
     data = prepare_data(resolved, smoke)
     dataset = {"train": data.train, "val": data.val, "test": data.test}.get(split)
     if dataset is None:

@@ -134,19 +134,26 @@ def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smo
 
 def _print_results(frame: pd.DataFrame, title: str) -> None:
     split = frame["eval_split"].iloc[0]
+    with_test = split != "test"  # model selection on val: show the test accuracy of the selected epoch too
+    seeded = "best_top1_std" in frame
+    columns = ["stage", "network", "arch", f"best {split} top1", "best epoch", f"last {split} top1"]
+    columns += ["test top1 at best"] if with_test else []
     table = Table(title=title)
-    for column in ("stage", "network", "arch", f"best {split} top1", "best epoch", f"last {split} top1", "time", "img/s"):
-        table.add_column(column, justify="right" if column[0] in "blti" else "left")
-    if "best_top1_std" in frame:
-        table.add_column("seed")
+    for column in columns + ["time", "img/s"] + (["seed"] if seeded else []):
+        table.add_column(column, justify="left" if column in ("stage", "network", "arch", "seed") else "right")
     for row in frame.itertuples():
-        mean = "best_top1_std" in frame and row.seed == "mean"
-        best = f"{row.best_top1:.2f}" + (f" ± {row.best_top1_std:.2f}" if mean else "")
-        last = f"{row.last_top1:.2f}" + (f" ± {row.last_top1_std:.2f}" if mean else "")
-        cells = [row.stage, row.network, row.arch, best, "" if mean else str(row.best_epoch), last,
+        mean = seeded and row.seed == "mean"
+        cells = [row.stage, row.network, row.arch, _accuracy(row, "best_top1", mean),
+                 "" if mean else str(row.best_epoch), _accuracy(row, "last_top1", mean),
+                 *([_accuracy(row, "test_top1_at_best", mean)] if with_test else []),
                  f"{row.stage_seconds:.0f}s", f"{row.images_per_s:.0f}"]
-        table.add_row(*cells, *([str(row.seed)] if "best_top1_std" in frame else []))
+        table.add_row(*cells, *([str(row.seed)] if seeded else []))
     console.print(table)
+
+
+def _accuracy(row, metric: str, with_std: bool) -> str:
+    value = getattr(row, metric)
+    return "" if pd.isna(value) else f"{value:.2f}" + (f" ± {getattr(row, metric + '_std'):.2f}" if with_std else "")
 
 
 @app.command("train-teacher")

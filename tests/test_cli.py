@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from kdcli import cli
 from kdcli.cli import app
 from kdcli.methods import method_names
 
@@ -43,6 +44,16 @@ def test_distill_trains_teacher_baseline_and_student(distilled: Path) -> None:
     history = pd.read_csv(distilled / "kd/history.csv")
     assert {"ce", "kd", "loss"} <= set(history)
     assert (distilled / "recipe.yaml").is_file()
+
+
+def test_results_table_shows_the_test_accuracy_of_the_epoch_chosen_on_val(distilled: Path) -> None:
+    frame = pd.read_csv(distilled / "results.csv")
+    with cli.console.capture() as captured:
+        cli._print_results(frame, "tiny")
+    header, rows = captured.get().split("┡")
+    assert "best val top1" in header and "test top1 at best" in header
+    for row in frame.itertuples():
+        assert f"{row.test_top1_at_best:.2f}" in rows
 
 
 def test_existing_output_is_never_overwritten(distilled: Path, tiny_recipe) -> None:

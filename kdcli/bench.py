@@ -185,7 +185,7 @@ def _step_ms(method_name: str, recipe: Recipe, teacher: nn.Module, classes: int,
 
     cls = get_method(method_name)
     known = {f.name for f in dataclasses.fields(cls.Params)}
-    terms = set(cls.default_weights) | set(getattr(cls, "optional_terms", ()))
+    terms = set(cls.default_weights) | set(cls.optional_terms)
     config = dataclasses.replace(recipe.method, name=method_name,
                                  weights={k: v for k, v in recipe.method.weights.items() if k in terms},
                                  params={k: v for k, v in recipe.method.params.items() if k in known})

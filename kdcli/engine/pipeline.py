@@ -69,10 +69,10 @@ def default_out_dir(recipe_name: str, command: str) -> Path:
 
 
 def newest_trained_teacher(recipe_name: str) -> Path | None:
-    """The best teacher checkpoint of the newest finished default-``--out`` run of this recipe, if any.
+    """The best teacher checkpoint of the newest default-``--out`` run of this recipe, if any.
 
     Only ``train-teacher`` and ``distill`` runs of exactly this recipe count (``quickstart-ida-...`` is not
-    a ``quickstart`` run); the newest checkpoint file wins.
+    a ``quickstart`` run); the most recently written checkpoint wins (an interrupted run's best so far too).
     """
     found = [path for command in ("train-teacher", "distill")
              for path in RUNS_DIR.glob(f"{recipe_name}-{command}-*/{TEACHER_CHECKPOINT}")]

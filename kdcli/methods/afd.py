@@ -285,14 +285,25 @@ class AFD(Method):
         logs["loss"] = total.detach().float()
         return StepOutput(logits.detach(), logs)
 
+    def loss_terms(self, batch: Batch, info: StepInfo) -> tuple[Tensor, dict[str, Tensor]]:
+        """The logit part of step 1: every network's forward and its ``<net>/ce``, ``<net>/kl`` terms.
+
+        Returns the first network's logits (for the running train accuracy) and the terms.
+        """
+        logits = {name: net(batch.images) for name, net in self.networks.items()}
+        return logits[next(iter(logits))], self.logit_terms(logits, batch.labels)
+
+    def term_weight(self, name: str, info: StepInfo) -> float:
+        """``<net>/ce`` and ``<net>/kl`` take the recipe's ``ce`` and ``kl`` weights."""
+        return super().term_weight(name.rsplit("/", 1)[-1], info)
+
     def logit_step(self, batch: Batch, info: StepInfo) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """Step 1: forward every network and take one SGD step on Σ_k L_logit^k (returned last)."""
+        """Step 1: one SGD step on Σ_k L_logit^k over every network; returns logits, terms and that total."""
         with info.autocast(batch.images.device):
-            logits = {name: net(batch.images) for name, net in self.networks.items()}
-        terms = self.logit_terms(logits, batch.labels)
-        total = sum(self.weights[key.rsplit("/", 1)[1]] * value for key, value in terms.items())
+            logits, terms = self.loss_terms(batch, info)
+        total = self.weighted_total(terms, info)
         self._update("logit", total)
-        return logits[next(iter(logits))], terms, total
+        return logits, terms, total
 
     def feature_step(self, images: Tensor, info: StepInfo) -> tuple[dict[str, Tensor], Tensor]:
         """Steps 2-3: a fresh forward of every G_k and T_k, then the generator and discriminator steps.

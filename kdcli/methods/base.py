@@ -16,6 +16,7 @@ forward passes) override :meth:`Method.train_step` and :meth:`Method.build_optim
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class Method(nn.Module):
+class Method(nn.Module, abc.ABC):
     """Base class: one optimiser over all trainable parameters, total = weighted sum of named terms."""
 
     name: ClassVar[str]
@@ -145,9 +146,13 @@ class Method(nn.Module):
         self.schedulers = {"main": build_scheduler(optimizer, self.recipe.schedule, epochs)}
 
     # -- training ---------------------------------------------------------------------------------
+    @abc.abstractmethod
     def loss_terms(self, batch: Batch, info: StepInfo) -> tuple[Tensor, dict[str, Tensor]]:
-        """Return the main network's logits and the unweighted loss terms by name."""
-        raise NotImplementedError(f"method {self.name} must implement loss_terms or train_step")
+        """Return the main network's logits and the unweighted loss terms by name.
+
+        Every method defines it; :meth:`train_step` minimises their weighted sum with one optimiser, and
+        methods with further optimisers (AFD) call it for their first update and add their own.
+        """
 
     def term_weight(self, name: str, info: StepInfo) -> float:
         """Weight of a term at this step; override for schedules such as DKD's warm-up."""

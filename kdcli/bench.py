@@ -10,20 +10,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from kdcli.augment import label_roles
+from kdcli.devices import timed
 from kdcli.isotonic import project, project_loop
 from kdcli.recipes import Recipe
 
-T = TypeVar("T")
 KD_TEMPERATURE = 4.5  # IDA's tau: the projection runs on softmax(z_T / tau)
 
 
@@ -106,29 +104,9 @@ def _repeat(call: Callable[..., object], times: int, *args: object) -> None:
         call(*args)
 
 
-def timed(call: Callable[..., T], *args: object, device: torch.device | None = None) -> tuple[T, float]:
-    """``call(*args)`` and its wall time in milliseconds.
-
-    A CUDA ``device`` (default: that of the first tensor argument) is synchronised before and after,
-    so the time covers the queued kernels and not only their launch.
-    """
-    device = device or next((a.device for a in args if isinstance(a, Tensor)), torch.device("cpu"))
-    synchronize(device)
-    start = time.perf_counter()
-    result = call(*args)
-    synchronize(device)
-    return result, (time.perf_counter() - start) * 1e3
-
-
 def _median_ms(call: Callable[..., object], *args: object, repeats: int, device: torch.device | None = None) -> float:
     call(*args)  # warm-up: allocator, kernels, lazy initialisation
     return statistics.median(timed(call, *args, device=device)[1] for _ in range(repeats))
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the queued kernels of a CUDA device (no-op elsewhere)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextmanager
@@ -153,11 +131,10 @@ def bench_ida_step(device: torch.device, batch: int = 64, repeats: int = 3, seed
     inside the ida step. Returns one row: ``device, B, C, teacher, student, kd_aug_step_ms, ida_step_ms,
     projection_ms, projection_share`` (= projection_ms / ida_step_ms) and ``ida_over_kd_aug``.
     """
-    from kdcli.engine.pipeline import CLASSES, build_network
-    from kdcli.recipes import load_recipe
+    from kdcli.engine.pipeline import build_network, dataset_classes, resolve_recipe
 
-    recipe = load_recipe(recipe_name)
-    classes = CLASSES.get(recipe.data.dataset, recipe.data.num_classes)
+    recipe = resolve_recipe(recipe_name)
+    classes = dataset_classes(recipe)
     inputs = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, 32, 32, generator=inputs).to(device)
     labels = torch.randint(0, classes, (batch,), generator=inputs).to(device)
@@ -180,6 +157,7 @@ def _step_ms(method_name: str, recipe: Recipe, teacher: nn.Module, classes: int,
     """Median milliseconds of one ``train_step`` of ``method_name`` with the recipe's weights and params
     (those the method knows) and a fresh student."""
     from kdcli.engine.pipeline import build_network
+    from kdcli.engine.step import method_engine
     from kdcli.methods import get_method
     from kdcli.methods.base import Batch, StepInfo
 
@@ -190,8 +168,7 @@ def _step_ms(method_name: str, recipe: Recipe, teacher: nn.Module, classes: int,
                                  weights={k: v for k, v in recipe.method.weights.items() if k in terms},
                                  params={k: v for k, v in recipe.method.params.items() if k in known})
     student = build_network(recipe.student.arch, classes).to(images.device)
-    method = cls.create({"student": student}, teacher, dataclasses.replace(recipe, method=config), classes)
-    method.to(images.device).build_optimizers(1)
+    engine = method_engine(config, {"student": student}, teacher, classes, images.shape[-1], recipe)
     batch = Batch(images, labels, torch.arange(images.shape[0], device=images.device))
     info = StepInfo(0, 1, 0, torch.Generator().manual_seed(seed))
-    return _median_ms(method.train_step, batch, info, repeats=repeats, device=images.device)
+    return _median_ms(engine.train_step, batch, info, repeats=repeats, device=images.device)

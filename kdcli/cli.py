@@ -65,10 +65,9 @@ def main() -> None:
 
 # -- training commands ----------------------------------------------------------------------------
 def _load(recipe: str, overrides: Optional[List[str]], smoke: bool):
-    from kdcli.engine.pipeline import smoke_recipe
-    from kdcli.recipes import load_recipe
+    from kdcli.engine.pipeline import resolve_recipe, smoke_recipe
 
-    resolved = load_recipe(recipe, overrides or [])
+    resolved = resolve_recipe(recipe, overrides or [])
     return smoke_recipe(resolved) if smoke else resolved
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kd", "ttm", "wttm", "dkd", "dkd_parts", "dist"]
+__all__ = ["kl_div", "kd", "soft_target_kd", "ttm", "wttm", "dkd", "dkd_parts", "dist"]
 
 DIST_EPS = 1e-8
 """Added to the product of norms in DIST's Pearson correlation (the DIST code's convention)."""
@@ -54,13 +54,19 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
-def _kl_per_sample(log_target: torch.Tensor, log_pred: torch.Tensor) -> torch.Tensor:
-    """Σ_k p_k (log p_k − log q_k) over the last dim, from log-probabilities; shape (B,).
+def kl_div(log_pred: torch.Tensor, target: torch.Tensor, log_target: bool = True) -> torch.Tensor:
+    """Per-sample KL(p ‖ q) = Σ_k p_k (log p_k − log q_k) over the last dim; shape (B,). The one KL of kdcli.
 
-    Entries with p_k = exp(log p_k) underflowing to 0 contribute exactly 0, because both log terms
-    are finite.
+    Args:
+        log_pred: log q, log-probabilities of the prediction (receives the gradient).
+        target: log p when ``log_target`` (entries whose p_k = exp(log p_k) underflows to 0 contribute
+            exactly 0, because both log terms are finite), else the probabilities p themselves, which may
+            hold exact zeros (0 · log 0 = 0 through ``torch.xlogy``).
+        log_target: which form ``target`` has, as in ``torch.nn.functional.kl_div``.
     """
-    return (log_target.exp() * (log_target - log_pred)).sum(dim=-1)
+    if log_target:
+        return (target.exp() * (target - log_pred)).sum(dim=-1)
+    return (torch.xlogy(target, target) - target * log_pred).sum(dim=-1)
 
 
 def kd(
@@ -82,7 +88,21 @@ def kd(
     student, teacher = _prepare(student_logits, teacher_logits)
     log_teacher = F.log_softmax(teacher / temperature, dim=-1)
     log_student = F.log_softmax(student / temperature, dim=-1)
-    return temperature**2 * _kl_per_sample(log_teacher, log_student).mean()
+    return temperature**2 * kl_div(log_student, log_teacher).mean()
+
+
+def soft_target_kd(student_logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KD towards a given distribution p (e.g. IDA's isotonic soft labels):
+
+    L = T² · mean_b KL(p ‖ σ(s/T))
+
+    ``target`` rows are probabilities and may hold exact zeros; it is a constant (detached). Half-precision
+    inputs are computed in float32, float64 stays float64.
+    """
+    _check_positive("temperature", temperature)
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    log_student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    return temperature**2 * kl_div(log_student, target.detach().to(dtype), log_target=False).mean()
 
 
 def _ttm_parts(
@@ -96,7 +116,7 @@ def _ttm_parts(
     log_powered = gamma * F.log_softmax(teacher, dim=-1)
     log_u = torch.logsumexp(log_powered, dim=-1)
     log_target = log_powered - log_u.unsqueeze(-1)
-    kl = _kl_per_sample(log_target, F.log_softmax(student, dim=-1))
+    kl = kl_div(F.log_softmax(student, dim=-1), log_target)
     return kl, log_u
 
 
@@ -210,10 +230,8 @@ def dkd_parts(
     non_target_index = _non_target_index(target, student.shape[1])
     binary_student, rest_student = _split_target(student / temperature, target, non_target_index)
     binary_teacher, rest_teacher = _split_target(teacher / temperature, target, non_target_index)
-    tckd = _kl_per_sample(binary_teacher, binary_student).mean()
-    nckd = _kl_per_sample(
-        F.log_softmax(rest_teacher, dim=-1), F.log_softmax(rest_student, dim=-1)
-    ).mean()
+    tckd = kl_div(binary_student, binary_teacher).mean()
+    nckd = kl_div(F.log_softmax(rest_student, dim=-1), F.log_softmax(rest_teacher, dim=-1)).mean()
     return temperature**2 * tckd, temperature**2 * nckd
 
 

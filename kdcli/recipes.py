@@ -1,7 +1,9 @@
 """Typed recipes: YAML files validated into dataclasses, with ``--set key.path=value`` overrides.
 
 A recipe is data, not code. Every key is checked on load: an unknown key, a wrong type or a bad value
-raises :class:`~kdcli.errors.UserError` with one line naming the key and the file. A recipe may start
+raises :class:`~kdcli.errors.UserError` with one line naming the key and the file. The ``method`` section
+is checked against the method registry by the engine (:func:`kdcli.engine.pipeline.resolve_recipe`), so
+this module depends on no other part of kdcli. A recipe may start
 from another one with ``base: <name>``; its keys are merged over the base's, recursively.
 """
 
@@ -72,11 +74,15 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
+    """The optimiser: SGD (momentum, nesterov), Adam (coupled L2 weight decay) or AdamW (decoupled); betas for
+    the Adam family."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
 
 @dataclass
@@ -167,7 +173,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     for override in overrides or []:
         _apply_override(raw, override)
     source = str(path) + (" with --set overrides" if overrides else "")
-    recipe = _build(Recipe, raw, "", source)
+    recipe = build_dataclass(Recipe, raw, "", source)
     _validate(recipe, source)
     return recipe
 
@@ -228,8 +234,8 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
-    """Construct dataclass ``cls`` from ``raw``, checking every key and type."""
+def build_dataclass(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    """Construct dataclass ``cls`` from ``raw``, checking every key and type (also used for ``method.params``)."""
     if not isinstance(raw, dict):
         raise UserError(f"recipe {source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -244,7 +250,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
 def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".", source)
+        return build_dataclass(hint, value, key + ".", source)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -287,6 +293,8 @@ def _validate(recipe: Recipe, source: str) -> None:
         (recipe.train.eval_every >= 1, "train.eval_every", "must be >= 1"),
         (recipe.optim.lr > 0, "optim.lr", "must be > 0"),
         (recipe.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+        (len(recipe.optim.betas) == 2 and all(0 <= b < 1 for b in recipe.optim.betas), "optim.betas",
+         "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
         (0.0 <= recipe.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)"),
         (recipe.data.num_classes >= 2, "data.num_classes", "must be >= 2"),
         (recipe.train.eval_split == "test" or recipe.data.val_fraction > 0, "train.eval_split",
@@ -296,6 +304,3 @@ def _validate(recipe: Recipe, source: str) -> None:
     for ok, key, problem in checks:
         if not ok:
             raise UserError(f"recipe {source}: '{key}' {problem}")
-    from kdcli.methods import validate_method_config
-
-    validate_method_config(recipe.method, source)

@@ -34,9 +34,9 @@ from rich.markup import escape
 from torch import nn
 
 from kdcli.augment import MIX_KINDS, mix
-from kdcli.bench import synchronize, timed
 from kdcli.data import Split, make_loader
 from kdcli.data.seeding import generator
+from kdcli.devices import synchronize, timed
 from kdcli.engine.checkpoint import read_sidecar
 from kdcli.engine.io import atomic_save
 from kdcli.errors import UserError

@@ -1,10 +1,10 @@
 """Launched by test_distributed.py under torchrun (2 CPU ranks, gloo): do DDP replicas stay identical?
 
-For each method named on the command line, every rank builds the same networks (same seed), wraps them
-with DDP as the pipeline does, and takes a few training steps on *its own* random batch. If the method
-averages every gradient over the ranks, the replicas end bitwise-close; if some update bypasses DDP
-unsynchronised, they drift apart. Rank 0 prints one line per method: ``<method> <max abs difference>``.
-``--no-sync`` switches off the methods' own gradient averaging (the check that the check can fail).
+For each method named on the command line, every rank builds the same networks (same seed), builds the
+method's engine as the trainer does (which wraps the whole method in DDP), and takes a few training steps
+on *its own* random batch. If every gradient is averaged over the ranks, the replicas end bitwise equal;
+if some update escaped DDP, they drift apart. Rank 0 prints one line per method: ``<method> <max abs
+difference>``. ``--no-sync`` builds the engine without the DDP wrapper (the check that the check can fail).
 """
 
 from __future__ import annotations
@@ -13,30 +13,29 @@ import sys
 
 import torch
 
-from kdcli.engine import distributed
-from kdcli.engine.pipeline import build_network
-from kdcli.methods import afd, base, get_method
-from kdcli.methods.base import Batch, StepInfo
-from kdcli.recipes import load_recipe
+from kdcli.engine import distributed, step
+from kdcli.engine.pipeline import build_network, resolve_recipe
+from kdcli.methods import get_method
+from kdcli.methods.base import Batch, StepInfo, parse_params
 
 STEPS = 3
 
 
 def replica_gap(method_name: str, env: distributed.DistEnv) -> float:
-    recipe = load_recipe("quickstart", [f"method={method_name}", "data.num_classes=10"])
-    method_cls = get_method(method_name)
+    recipe = resolve_recipe("quickstart", [f"method={method_name}", "data.num_classes=10"])
+    cls = get_method(method_name)
     torch.manual_seed(0)
     teacher = build_network(recipe.teacher.arch, 10).eval().requires_grad_(False)
-    networks = {name: distributed.wrap(build_network(arch, 10), env)
-                for name, arch in method_cls.networks_for(recipe).items()}
-    method = method_cls.create(networks, teacher, recipe, 10)
-    method.build_optimizers(1)
+    networks = {name: build_network(arch, 10) for name, arch in
+                cls.networks_for(parse_params(cls, recipe.method.params), recipe.student.arch).items()}
+    method = step.build_method(recipe.method, networks, teacher, 10, 32, torch.device("cpu"), env.world)
+    engine = step.Engine(method, teacher, recipe, epochs=1, dist=env)
     method.train()
     data = torch.Generator().manual_seed(100 + env.rank)  # a different batch on every rank
-    for step in range(STEPS):
+    for i in range(STEPS):
         batch = Batch(torch.randn(8, 3, 32, 32, generator=data), torch.randint(0, 10, (8,), generator=data),
                       torch.arange(8))
-        method.train_step(batch, StepInfo(0, 1, step, torch.Generator().manual_seed(step)))
+        engine.train_step(batch, StepInfo(0, 1, i, torch.Generator().manual_seed(i)))
     flat = torch.cat([p.detach().flatten() for p in method.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(env.world)]
     torch.distributed.all_gather(gathered, flat)
@@ -45,7 +44,7 @@ def replica_gap(method_name: str, env: distributed.DistEnv) -> float:
 
 def main(argv: list[str]) -> None:
     if "--no-sync" in argv:
-        base.average_gradients = afd.average_gradients = lambda optimizer: None
+        step.wrap = lambda module, env, find_unused_parameters=False: module
     env = distributed.init_distributed(torch.device("cpu"))
     torch.set_num_threads(1)
     for name in (a for a in argv if not a.startswith("--")):

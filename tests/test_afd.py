@@ -15,27 +15,35 @@ from typer.testing import CliRunner
 from kdcli.cli import app
 from kdcli.engine import pipeline
 from kdcli.engine.checkpoint import load_model
+from kdcli.engine.pipeline import resolve_recipe
+from kdcli.engine.step import Engine, method_engine
 from kdcli.engine.trainer import RunContext, Trainer
 from kdcli.errors import UserError
 from kdcli.methods import get_method
-from kdcli.methods.afd import Discriminator
-from kdcli.methods.base import Batch, StepInfo
-from kdcli.models import create_model
-from kdcli.recipes import DataConfig, MethodConfig, ModelConfig, OptimConfig, Recipe, load_recipe
+from kdcli.methods.afd import LOGITS, MAPS, Discriminator, discriminator_total
+from kdcli.methods.base import Batch, StepInfo, parse_params
+from kdcli.models import create_model, forward_taps
+from kdcli.recipes import MethodConfig, OptimConfig, Recipe, TrainConfig
 
 CLASSES = 10
 
 
-def make_afd(archs: list[str], seed: int = 0, image_size: int = 16, **params) -> nn.Module:
-    """An AFD method over fresh networks ``archs``, with its optimisers built (16x16 images keep tests fast)."""
+def make_afd(archs: list[str], seed: int = 0, image_size: int = 16, precision: str = "fp32", **params) -> Engine:
+    """An AFD method over fresh networks ``archs`` and its engine (16x16 images keep tests fast)."""
     torch.manual_seed(seed)
-    recipe = Recipe(data=DataConfig(image_size=image_size), student=ModelConfig(arch=archs[0]), optim=OptimConfig(lr=0.05),
-                    method=MethodConfig(name="afd", params={"networks": archs, **params}))
+    cfg = MethodConfig(name="afd", params={"networks": archs, **params})
+    recipe = Recipe(optim=OptimConfig(lr=0.05), train=TrainConfig(precision=precision))
     cls = get_method("afd")
-    networks = {name: create_model(arch, num_classes=CLASSES) for name, arch in cls.networks_for(recipe).items()}
-    method = cls.create(networks, None, recipe, CLASSES)
-    method.build_optimizers(epochs=4)
-    return method.train()
+    networks = {name: create_model(arch, num_classes=CLASSES)
+                for name, arch in cls.networks_for(parse_params(cls, cfg.params), archs[0]).items()}
+    engine = method_engine(cfg, networks, None, CLASSES, image_size, recipe, epochs=4)
+    engine.method.train()
+    return engine
+
+
+def feature_maps(method, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """f_k = T_k(G_k(x)) of every network, as the feature pass computes them."""
+    return method.transferred_maps({name: forward_taps(net, images, MAPS) for name, net in method.networks.items()})
 
 
 def make_batch(size: int = 4, seed: int = 1, image_size: int = 16) -> Batch:
@@ -44,8 +52,8 @@ def make_batch(size: int = 4, seed: int = 1, image_size: int = 16) -> Batch:
                  torch.arange(size))
 
 
-def step_info(precision: str = "fp32") -> StepInfo:
-    return StepInfo(epoch=0, epochs=4, step=0, generator=torch.Generator(), precision=precision)
+def step_info() -> StepInfo:
+    return StepInfo(epoch=0, epochs=4, step=0, generator=torch.Generator())
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -60,11 +68,11 @@ def changed(before: dict[str, torch.Tensor], module: nn.Module, params_only: boo
 
 # -- construction ---------------------------------------------------------------------------------
 def test_transfer_and_discriminator_shapes_for_mismatched_widths() -> None:
-    method = make_afd(["resnet8", "wrn_16_2"], image_size=32)  # 64x8x8 and 128x8x8 maps: C* = 128
+    method = make_afd(["resnet8", "wrn_16_2"], image_size=32).method  # 64x8x8 and 128x8x8 maps: C* = 128
     conv = method.transfers["net1"][0]
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (64, 128, (1, 1))
     assert isinstance(method.transfers["net2"], nn.Identity)
-    maps = method.feature_maps(make_batch(image_size=32).images, step_info())
+    maps = feature_maps(method, make_batch(image_size=32).images)
     assert {k: tuple(v.shape) for k, v in maps.items()} == {"net1": (4, 128, 8, 8), "net2": (4, 128, 8, 8)}
     assert (maps["net1"] >= 0).all()  # the transfer ends with a ReLU, like the networks' own maps
     for disc in method.discriminators.values():
@@ -73,8 +81,8 @@ def test_transfer_and_discriminator_shapes_for_mismatched_widths() -> None:
 
 
 def test_transfer_pools_to_the_common_grid_and_fixed_width() -> None:
-    method = make_afd(["resnet8", "vgg8"], image_size=32, transfer_channels=96)  # 64x8x8 and 512x4x4 maps
-    maps = method.feature_maps(make_batch(2, image_size=32).images, step_info())
+    method = make_afd(["resnet8", "vgg8"], image_size=32, transfer_channels=96).method  # 64x8x8 and 512x4x4 maps
+    maps = feature_maps(method, make_batch(2, image_size=32).images)
     assert {k: tuple(v.shape) for k, v in maps.items()} == {"net1": (2, 96, 4, 4), "net2": (2, 96, 4, 4)}
     assert isinstance(method.transfers["net1"][0], nn.AdaptiveAvgPool2d)
 
@@ -88,17 +96,19 @@ def test_patch_discriminator_averages_over_its_spatial_outputs() -> None:
 
 
 def test_default_networks_are_two_copies_of_the_student() -> None:
-    recipe = load_recipe("quickstart", ["method.name=afd"])
-    assert get_method("afd").networks_for(recipe) == {"net1": "resnet8", "net2": "resnet8"}
+    recipe = resolve_recipe("quickstart", ["method.name=afd"])
+    cls = get_method("afd")
+    assert cls.networks_for(parse_params(cls, recipe.method.params), "resnet8") == {"net1": "resnet8", "net2": "resnet8"}
     with pytest.raises(UserError, match="K >= 2"):
-        load_recipe("quickstart", ["method.name=afd", "method.params.networks=[resnet8]"])
+        resolve_recipe("quickstart", ["method.name=afd", "method.params.networks=[resnet8]"])
 
 
 def test_afd_recipes_load_with_the_spec_settings() -> None:
-    main = load_recipe("cifar100-afd-resnet32-resnet32")
+    main = resolve_recipe("cifar100-afd-resnet32-resnet32")
     assert (main.train.epochs, main.train.batch_size, main.optim.lr, main.schedule.milestones) == (300, 128, 0.1, [150, 225])
     assert main.method.params["adam_lr"] == 2e-5 and main.method.params["adam_milestones"] == [75, 150]
-    networks = {name: get_method("afd").networks_for(load_recipe(name)) for name in
+    cls = get_method("afd")
+    networks = {name: cls.networks_for(parse_params(cls, resolve_recipe(name).method.params), None) for name in
                 ("cifar100-afd-resnet20-wrn_40_2", "cifar100-afd-3x-resnet32-cyclic", "quickstart-afd")}
     assert networks == {
         "cifar100-afd-resnet20-wrn_40_2": {"net1": "resnet20", "net2": "wrn_40_2"},
@@ -109,47 +119,57 @@ def test_afd_recipes_load_with_the_spec_settings() -> None:
 
 # -- optimisers -----------------------------------------------------------------------------------
 def test_each_optimiser_owns_exactly_its_parameters() -> None:
-    method = make_afd(["resnet8", "resnet8"], transfer_channels=32)
-    ids = {key: {id(p) for g in opt.param_groups for p in g["params"]} for key, opt in method.optimizers.items()}
+    engine = make_afd(["resnet8", "resnet8"], transfer_channels=32)
+    method = engine.method
+    ids = {key: {id(p) for g in opt.param_groups for p in g["params"]} for key, opt in engine.optimizers.items()}
     heads = {id(p) for net in method.networks.values() for p in net.get_classifier().parameters()}
     network = {id(p) for p in method.networks.parameters()}
     assert ids["logit"] == network
     assert ids["generator"] == (network - heads) | {id(p) for p in method.transfers.parameters()}
     assert ids["discriminator"] == {id(p) for p in method.discriminators.parameters()}
-    adam = method.optimizers["generator"]
+    adam = engine.optimizers["generator"]
     assert isinstance(adam, torch.optim.Adam) and adam.defaults["lr"] == 2e-5 and adam.defaults["weight_decay"] == 0.1
-    assert isinstance(method.optimizers["logit"], torch.optim.SGD)
+    assert isinstance(engine.optimizers["logit"], torch.optim.SGD)
 
 
 def test_each_update_moves_only_what_its_optimiser_owns() -> None:
-    method = make_afd(["resnet8", "resnet8"], transfer_channels=32)  # both networks get a transfer layer
-    batch, info = make_batch(), step_info()
+    engine = make_afd(["resnet8", "resnet8"], transfer_channels=32)  # both networks get a transfer layer
+    method, batch, info = engine.method, make_batch(), step_info()
     nets, trans, discs = method.networks, method.transfers, method.discriminators
     heads = {f"{name}.{k}" for name, net in nets.items() for k, _ in net.get_classifier().named_parameters(prefix="fc")}
     before = {m: snapshot(m) for m in (nets, trans, discs)}
 
-    method.logit_step(batch, info)
+    _, terms = engine.forward(LOGITS, method.logit_pass, batch, info)
+    engine.update(method.weighted_total(terms, info), "logit")
     assert changed(before[nets], nets) == set(dict(nets.named_parameters()))
     assert not changed(before[trans], trans) and not changed(before[discs], discs, params_only=False)
 
     before = {m: snapshot(m) for m in (nets, trans, discs)}
-    maps = method.feature_maps(batch.images, info)
-    method.generator_step(maps, info)
+    method.feature_step(batch, engine)  # the generator and the discriminator Adam steps
     assert changed(before[nets], nets) == set(dict(nets.named_parameters())) - heads
     assert changed(before[trans], trans) == set(dict(trans.named_parameters()))
-    assert not changed(before[discs], discs)
-    assert all(p.requires_grad for p in discs.parameters())  # D is frozen only for the generator step
+    assert changed(before[discs], discs) == set(dict(discs.named_parameters()))
+    assert all(p.requires_grad for p in discs.parameters())  # D is frozen only while L_G is computed
 
-    before = {m: snapshot(m) for m in (nets, trans)}
-    d_before = snapshot(discs)
-    method.discriminator_step(maps, info)
-    assert not changed(before[nets], nets, params_only=False) and not changed(before[trans], trans, params_only=False)
-    assert changed(d_before, discs) == set(dict(discs.named_parameters()))
+
+def test_one_backward_gives_each_adam_group_exactly_its_own_gradients() -> None:
+    """The feature step back-propagates w·ΣL_G + ΣL_D once: the generator group must get the gradient of L_G
+    alone (D frozen) and the discriminators that of L_D alone (maps detached), as two separate steps would."""
+    method = make_afd(["resnet8", "resnet8"], transfer_channels=32).method
+    maps = feature_maps(method, make_batch().images)
+    g_total = sum(method.frozen_generator_terms(maps).values())
+    d_total = discriminator_total(method.discriminator_terms(maps))
+    generator, discriminator = method.generator_parameters(), list(method.discriminators.parameters())
+    alone_g = torch.autograd.grad(g_total, generator, retain_graph=True)
+    alone_d = torch.autograd.grad(d_total, discriminator, retain_graph=True)
+    joint = torch.autograd.grad(g_total + d_total, generator + discriminator)
+    assert all(torch.equal(a, b) for a, b in zip(alone_g + alone_d, joint))
+    assert all(p.grad is None for p in discriminator)  # L_G never reached D
 
 
 def test_discriminator_and_generator_losses_are_least_squares() -> None:
-    method = make_afd(["resnet8", "resnet8"])
-    maps = method.feature_maps(make_batch().images, step_info())
+    method = make_afd(["resnet8", "resnet8"]).method
+    maps = feature_maps(method, make_batch().images)
     d_terms, g_terms = method.discriminator_terms(maps), method.generator_terms(maps)
     d1 = method.discriminators["net1"]
     real, fake = d1(maps["net2"].detach()), d1(maps["net1"].detach())  # net1's peer is net2
@@ -162,13 +182,12 @@ def test_saved_state_resumes_every_optimiser_and_discriminator_exactly() -> None
     """What the trainer saves for --resume (method + every optimiser and scheduler) continues bit for bit."""
     original = make_afd(["resnet8", "resnet8"], adam_lr=1e-3)
     original.train_step(make_batch(seed=1), step_info())
-    for scheduler in original.schedulers.values():
-        scheduler.step()
-    state = copy.deepcopy({"method": original.state_dict(),
+    original.end_epoch()
+    state = copy.deepcopy({"method": original.method.state_dict(),
                            "optimizers": {k: o.state_dict() for k, o in original.optimizers.items()},
                            "schedulers": {k: s.state_dict() for k, s in original.schedulers.items()}})
     resumed = make_afd(["resnet8", "resnet8"], seed=7, adam_lr=1e-3)
-    resumed.load_state_dict(state["method"])
+    resumed.method.load_state_dict(state["method"])
     for key in ("optimizers", "schedulers"):
         parts = getattr(resumed, key)
         assert set(parts) == {"logit", "generator", "discriminator"}
@@ -176,13 +195,13 @@ def test_saved_state_resumes_every_optimiser_and_discriminator_exactly() -> None
             part.load_state_dict(state[key][name])
     logs = [m.train_step(make_batch(seed=2), step_info()).logs for m in (original, resumed)]
     assert {k: v.item() for k, v in logs[0].items()} == {k: v.item() for k, v in logs[1].items()}
-    for (name, a), b in zip(original.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(original.method.state_dict().items(), resumed.method.state_dict().values()):
         assert torch.equal(a, b), name
 
 
 # -- wiring and ablations -------------------------------------------------------------------------
 def test_cyclic_wiring_for_three_networks() -> None:
-    method = make_afd(["resnet8"] * 3)
+    method = make_afd(["resnet8"] * 3).method
     assert method.peer_of == {"net1": "net3", "net2": "net1", "net3": "net2"}
     assert list(method.discriminators) == ["net1", "net2", "net3"]
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in method.discriminators}
@@ -207,7 +226,7 @@ def independent_kd(student: torch.Tensor, peer: torch.Tensor, temperature: float
 
 
 def test_all_peers_logit_variant_averages_the_kl() -> None:
-    method = make_afd(["resnet8"] * 3, logit_peers="all")
+    method = make_afd(["resnet8"] * 3, logit_peers="all").method
     logits = {name: torch.randn(4, CLASSES) for name in method.networks}
     terms = method.logit_terms(logits, torch.tensor([0, 1, 2, 3]))
     expected = (independent_kd(logits["net1"], logits["net2"]) + independent_kd(logits["net1"], logits["net3"])) / 2
@@ -216,11 +235,12 @@ def test_all_peers_logit_variant_averages_the_kl() -> None:
 
 
 def test_without_the_adversarial_part_a_step_is_one_dml_sgd_step() -> None:
-    method = make_afd(["resnet8", "resnet8"], adversarial=False)
-    assert set(method.optimizers) == {"logit"} and not method.discriminators and not method.transfers
+    engine = make_afd(["resnet8", "resnet8"], adversarial=False)
+    method = engine.method
+    assert set(engine.optimizers) == {"logit"} and not method.discriminators and not method.transfers
     reference = copy.deepcopy(method.networks)
     batch = make_batch()
-    out = method.train_step(batch, step_info())
+    out = engine.train_step(batch, step_info())
     assert not any("/g_adv" in k or k.startswith("d") for k in out.logs)
 
     z = {name: net(batch.images) for name, net in reference.items()}
@@ -237,9 +257,10 @@ def test_without_the_adversarial_part_a_step_is_one_dml_sgd_step() -> None:
 
 @pytest.mark.parametrize("kind, power", [("l1", 1), ("l2", 2)])
 def test_direct_alignment_replaces_the_discriminators(kind: str, power: int) -> None:
-    method = make_afd(["resnet8", "resnet8"], feature_loss=kind)
-    assert set(method.optimizers) == {"logit", "generator"} and not method.discriminators
-    maps = method.feature_maps(make_batch().images, step_info())
+    engine = make_afd(["resnet8", "resnet8"], feature_loss=kind)
+    method = engine.method
+    assert set(engine.optimizers) == {"logit", "generator"} and not method.discriminators
+    maps = feature_maps(method, make_batch().images)
     terms = method.alignment_terms(maps)
     expected = (maps["net1"] - maps["net2"]).abs().pow(power).mean().item()
     assert terms[f"net1/feat_{kind}"].item() == pytest.approx(expected, rel=1e-6)
@@ -256,8 +277,8 @@ def test_feature_mode_of_the_switches() -> None:
 
 
 def test_bf16_step_is_finite_and_logs_every_network() -> None:
-    method = make_afd(["resnet8", "resnet8"])
-    out = method.train_step(make_batch(), step_info("bf16"))
+    engine = make_afd(["resnet8", "resnet8"], precision="bf16")
+    out = engine.train_step(make_batch(), step_info())
     expected = {f"net{k}/{t}" for k in (1, 2) for t in ("ce", "kl", "g_adv")} | \
         {f"d{k}/{t}" for k in (1, 2) for t in ("loss", "real", "fake")} | {"loss"}
     assert set(out.logs) == expected
@@ -266,7 +287,7 @@ def test_bf16_step_is_finite_and_logs_every_network() -> None:
 
 # -- pipeline -------------------------------------------------------------------------------------
 def test_baselines_start_from_the_weights_of_their_network(tmp_path, monkeypatch) -> None:
-    recipe = load_recipe("quickstart", ["method.name=afd"])
+    recipe = resolve_recipe("quickstart", ["method.name=afd"])
     data = pipeline.prepare_data(recipe, smoke=True)
     ctx = RunContext(tmp_path, torch.device("cpu"), seed=0, console=Console(quiet=True))
     monkeypatch.setattr(Trainer, "fit", lambda self: {n: snapshot(net) for n, net in self.method.networks.items()})

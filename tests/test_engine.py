@@ -15,10 +15,11 @@ from kdcli.engine import pipeline
 from kdcli.engine.checkpoint import load_model, read_state_dict
 from kdcli.engine.io import atomic_write, write_json
 from kdcli.engine.metrics import agreement_metrics, classification_metrics, ensemble_logits, expected_calibration_error
+from kdcli.engine.optim import build_scheduler
+from kdcli.engine.pipeline import resolve_recipe
 from kdcli.engine.trainer import RunContext
 from kdcli.errors import UserError
-from kdcli.methods.base import build_scheduler
-from kdcli.recipes import ScheduleConfig, load_recipe
+from kdcli.recipes import ScheduleConfig
 
 
 def _ctx(out: Path, resume: bool = False) -> RunContext:
@@ -26,7 +27,7 @@ def _ctx(out: Path, resume: bool = False) -> RunContext:
 
 
 def test_resume_after_a_kill_is_bit_exact(tiny_recipe, tmp_path, interrupted) -> None:
-    recipe = load_recipe(str(tiny_recipe(method="ce", epochs=3)))
+    recipe = resolve_recipe(str(tiny_recipe(method="ce", epochs=3)))
     straight = pipeline.train_teacher(recipe, _ctx(tmp_path / "a"), smoke=False)[0]
 
     interrupted(lambda: pipeline.train_teacher(recipe, _ctx(tmp_path / "b"), smoke=False))
@@ -43,7 +44,7 @@ def test_resume_after_a_kill_is_bit_exact(tiny_recipe, tmp_path, interrupted) ->
 
 
 def test_training_learns_and_writes_history(tiny_recipe, tmp_path) -> None:
-    recipe = load_recipe(str(tiny_recipe(method="ce", epochs=2)))
+    recipe = resolve_recipe(str(tiny_recipe(method="ce", epochs=2)))
     summary = pipeline.train_teacher(recipe, _ctx(tmp_path), smoke=False)[0]
     history = pd.read_csv(tmp_path / "teacher/history.csv")
     assert {"epoch", "lr", "ce", "loss", "train_top1", "val_top1", "test_top1", "seconds", "images_per_s"} <= set(history)

@@ -17,10 +17,11 @@ import torch
 from typer.testing import CliRunner
 
 from kdcli.cli import app
-from kdcli.methods import get_method
+from kdcli.engine.pipeline import resolve_recipe
+from kdcli.engine.step import method_engine
 from kdcli.methods.base import Batch, StepInfo
 from kdcli.models import create_model
-from kdcli.recipes import list_recipes, load_recipe
+from kdcli.recipes import list_recipes
 
 SAME_ARCH = [("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"),
              ("resnet110", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8")]
@@ -61,7 +62,7 @@ def test_the_grid_is_exactly_the_39_recipes() -> None:
 
 @pytest.mark.parametrize("teacher, student, method", GRID)
 def test_grid_recipe_resolves_to_the_paper_protocol(teacher: str, student: str, method: str) -> None:
-    recipe = load_recipe(recipe_name(teacher, student, method))
+    recipe = resolve_recipe(recipe_name(teacher, student, method))
     assert (recipe.teacher.arch, recipe.student.arch, recipe.method.name) == (teacher, student, method)
     assert recipe.teacher.checkpoint == f"save/models/{teacher}_vanilla/ckpt_epoch_240.pth"
     assert teacher in TEACHER_FILES
@@ -80,7 +81,7 @@ def test_grid_recipe_resolves_to_the_paper_protocol(teacher: str, student: str, 
 
 @pytest.mark.parametrize("cell", list(SPOT), ids="-".join)
 def test_spot_checks_against_the_spec_tables(cell: tuple[str, str, str]) -> None:
-    recipe = load_recipe(recipe_name(*cell))
+    recipe = resolve_recipe(recipe_name(*cell))
     gamma, beta, top1 = SPOT[cell]
     assert recipe.method.params["gamma"] == gamma
     assert recipe.method.weights[cell[2]] == beta
@@ -89,13 +90,13 @@ def test_spot_checks_against_the_spec_tables(cell: tuple[str, str, str]) -> None
 
 def test_kd_accuracies_match_the_spec() -> None:
     for pair, top1 in SPOT_KD.items():
-        assert load_recipe(recipe_name(*pair, "kd")).paper_top1 == top1
+        assert resolve_recipe(recipe_name(*pair, "kd")).paper_top1 == top1
 
 
 @pytest.mark.parametrize("teacher, student", PAIRS)
 def test_ttm_and_wttm_share_gamma_and_wttm_needs_a_smaller_beta(teacher: str, student: str) -> None:
     """In both tables TTM and WTTM use the same gamma, and beta_WTTM < beta_TTM because U >= 1."""
-    ttm, wttm = (load_recipe(recipe_name(teacher, student, m)).method for m in ("ttm", "wttm"))
+    ttm, wttm = (resolve_recipe(recipe_name(teacher, student, m)).method for m in ("ttm", "wttm"))
     assert ttm.params["gamma"] == wttm.params["gamma"]
     assert wttm.weights["wttm"] < ttm.weights["ttm"]
 
@@ -127,11 +128,11 @@ def network(arch: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize("teacher, student, method", STEPPED)
 def test_the_other_recipes_compute_their_terms_on_a_batch_of_two(teacher: str, student: str, method: str) -> None:
-    recipe = load_recipe(recipe_name(teacher, student, method))
-    method_obj = get_method(method).create({"student": network(student)}, network(teacher).eval(), recipe, 100)
+    recipe = resolve_recipe(recipe_name(teacher, student, method))
+    engine = method_engine(recipe.method, {"student": network(student)}, network(teacher).eval(), 100, recipe=recipe)
     batch = Batch(torch.randn(2, 3, 32, 32), torch.tensor([3, 97]), torch.arange(2))
     info = StepInfo(epoch=0, epochs=240, step=0, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits, terms = method_obj.loss_terms(batch, info)
+        logits, terms = engine.step_terms(batch, info)
     assert logits.shape == (2, 100)
     assert list(terms) == ["ce", method] and all(torch.isfinite(v) and v >= 0 for v in terms.values())

@@ -15,12 +15,14 @@ from typer.testing import CliRunner
 from kdcli import losses
 from kdcli.augment import mix
 from kdcli.cli import app
+from kdcli.engine.pipeline import resolve_recipe
+from kdcli.engine.step import Engine, method_engine
 from kdcli.errors import UserError
 from kdcli.isotonic import order_penalty, project, violation_stats
 from kdcli.methods import get_method
 from kdcli.methods.base import Batch, StepInfo
-from kdcli.methods.ida import isotonic_target, soft_target_kd
-from kdcli.recipes import MethodConfig, Recipe, load_recipe
+from kdcli.methods.ida import isotonic_target
+from kdcli.recipes import MethodConfig
 
 CLASSES = 6
 
@@ -49,9 +51,10 @@ class Linear(nn.Module):
 
 
 def make(name: str, student: nn.Module, teacher: nn.Module, weights: dict | None = None,
-         params: dict | None = None, num_classes: int = CLASSES):
-    recipe = Recipe(method=MethodConfig(name=name, weights=weights or {}, params=params or {}))
-    return get_method(name).create({"student": student}, teacher.eval().requires_grad_(False), recipe, num_classes)
+         params: dict | None = None, num_classes: int = CLASSES) -> Engine:
+    """The method and its engine (``.method``; ``step_terms`` computes a step's terms without an update)."""
+    cfg = MethodConfig(name=name, weights=weights or {}, params=params or {})
+    return method_engine(cfg, {"student": student}, teacher.eval().requires_grad_(False), num_classes, image_size=8)
 
 
 def step_info(seed: int = 0) -> StepInfo:
@@ -96,15 +99,15 @@ def test_soft_target_kd_equals_hinton_kd_for_the_teacher_target_and_handles_zero
     g = torch.Generator().manual_seed(2)
     student, teacher = torch.randn(5, 7, generator=g), 2 * torch.randn(5, 7, generator=g)
     target = F.softmax(teacher / 4.5, dim=1)
-    torch.testing.assert_close(soft_target_kd(student, target, 4.5), losses.kd(student, teacher, 4.5))
+    torch.testing.assert_close(losses.soft_target_kd(student, target, 4.5), losses.kd(student, teacher, 4.5))
     # A target with exact zeros: 0 * log 0 = 0, computed by hand for one row, tau = 2.
     row = torch.tensor([[0.75, 0.25, 0.0]])
     logits = torch.tensor([[1.0, 0.0, -1.0]])
     log_q = F.log_softmax(logits / 2, dim=1)[0]
     hand = 4 * (0.75 * (math.log(0.75) - log_q[0]) + 0.25 * (math.log(0.25) - log_q[1]))
-    assert soft_target_kd(logits, row, 2.0).item() == pytest.approx(hand.item(), rel=1e-6)
+    assert losses.soft_target_kd(logits, row, 2.0).item() == pytest.approx(hand.item(), rel=1e-6)
     logits.requires_grad_(True)
-    soft_target_kd(logits, row, 2.0).backward()
+    losses.soft_target_kd(logits, row, 2.0).backward()
     assert torch.isfinite(logits.grad).all()
 
 
@@ -116,7 +119,7 @@ def test_ida_and_ida_p_terms_by_hand_on_an_unmixed_star_sample() -> None:
     batch = Batch(torch.zeros(1, 3, 4, 4), torch.tensor([0]), torch.arange(1))
     params = {"mix": "none", "tau": 1.0}
     method = make("ida", student, teacher, params=params, weights={"penalty": 2.0}, num_classes=3)
-    _, terms = method.loss_terms(batch, step_info())
+    _, terms = method.step_terms(batch, step_info())
     q = [1 / (2 + math.e), math.e / (2 + math.e), 1 / (2 + math.e)]
     p_fixed = [0.35, 0.35, 0.3]
     assert terms["ida"].item() == pytest.approx(sum(t * math.log(t / s) for t, s in zip(p_fixed, q)), rel=1e-5)
@@ -131,7 +134,7 @@ def test_terms_match_an_independent_computation_on_mixed_batches(kind: str) -> N
     names = {"kd-aug": {"ce", "kd"}, "ida": {"ce", "kd", "ida"}, "ida-p": {"ce", "kd", "penalty"}}
     for name, expected_terms in names.items():
         method = make(name, student, teacher, params={"mix": kind, "per_sample": True})
-        logits, terms = method.loss_terms(batch, step_info(7))
+        logits, terms = method.step_terms(batch, step_info(7))
         assert set(terms) == expected_terms
         mixed = mix(kind, batch.images, batch.labels, 1.0, torch.Generator().manual_seed(7), per_sample=True)
         with torch.no_grad():
@@ -159,7 +162,6 @@ def test_default_weights_are_the_papers_and_the_total_is_their_weighted_sum() ->
     assert get_method("ida").Params().tau == 4.5 and get_method("ida").Params().ratio == 1.0
     student, teacher, batch = Linear(0), Linear(1), image_batch()
     method = make("ida", student, teacher)
-    method.build_optimizers(1)
     out = method.train_step(batch, step_info(3))
     total = 0.05 * out.logs["ce"] + 0.95 * out.logs["kd"] + 3.0 * out.logs["ida"]
     torch.testing.assert_close(out.logs["loss"], total)
@@ -168,8 +170,8 @@ def test_default_weights_are_the_papers_and_the_total_is_their_weighted_sum() ->
 
 def test_replace_mode_distils_kd_from_the_corrected_target_and_drops_the_ida_term() -> None:
     student, teacher, batch = Linear(0), Linear(1), image_batch()
-    add = make("ida", student, teacher).loss_terms(batch, step_info(5))[1]
-    replace = make("ida", student, teacher, params={"mode": "replace"}).loss_terms(batch, step_info(5))[1]
+    add = make("ida", student, teacher).step_terms(batch, step_info(5))[1]
+    replace = make("ida", student, teacher, params={"mode": "replace"}).step_terms(batch, step_info(5))[1]
     assert set(replace) == {"ce", "kd"}
     torch.testing.assert_close(replace["kd"], add["ida"])  # same mixes, same target, same KL
     torch.testing.assert_close(replace["ce"], add["ce"])
@@ -178,23 +180,22 @@ def test_replace_mode_distils_kd_from_the_corrected_target_and_drops_the_ida_ter
 def test_ratio_applies_the_correction_to_a_seeded_fraction_of_batches() -> None:
     student, teacher, batch = Linear(0), Linear(1), image_batch()
     never = make("ida", student, teacher, params={"ratio": 0.0}, weights={"penalty": 1.0})
-    terms = never.loss_terms(batch, step_info(1))[1]
+    terms = never.step_terms(batch, step_info(1))[1]
     assert terms["ida"].item() == 0.0 and terms["penalty"].item() == 0.0
     # ratio 0 and 1 draw nothing extra: the mixes (so ce and kd) are those of kd-aug with the same seed.
-    reference = make("kd-aug", student, teacher).loss_terms(batch, step_info(1))[1]
+    reference = make("kd-aug", student, teacher).step_terms(batch, step_info(1))[1]
     torch.testing.assert_close(terms["kd"], reference["kd"])
     half = make("ida", student, teacher, params={"ratio": 0.5})
     info = step_info(11)
-    applied = [half.loss_terms(batch, info)[1]["ida"].item() > 0 for _ in range(30)]
+    applied = [half.step_terms(batch, info)[1]["ida"].item() > 0 for _ in range(30)]
     assert 6 <= sum(applied) <= 24
     info = step_info(11)  # the same generator state replays the same decisions
-    assert applied == [half.loss_terms(batch, info)[1]["ida"].item() > 0 for _ in range(30)]
+    assert applied == [half.step_terms(batch, info)[1]["ida"].item() > 0 for _ in range(30)]
 
 
 def test_bf16_autocast_step_is_finite() -> None:
     student, teacher, batch = Linear(0), Linear(1), image_batch()
     method = make("ida", student, teacher, weights={"penalty": 2.0}, params={"mix": "cutmix"})
-    method.build_optimizers(1)
     info = step_info(2)
     info.precision = "bf16"
     out = method.train_step(batch, info)
@@ -224,7 +225,7 @@ def test_kd_aug_has_no_isotonic_switches_or_terms() -> None:
 @pytest.mark.parametrize("method", ["kd-aug", "ida", "ida-p"])
 @pytest.mark.parametrize("kind", ["mixup", "cutmix"])
 def test_cifar100_recipes_use_the_paper_settings(method: str, kind: str) -> None:
-    recipe = load_recipe(f"cifar100-resnet-{method}-{kind}")
+    recipe = resolve_recipe(f"cifar100-resnet-{method}-{kind}")
     assert (recipe.teacher.arch, recipe.student.arch, recipe.data.dataset) == ("resnet32x4", "resnet8x4", "cifar100")
     assert recipe.method.name == method
     assert recipe.method.weights == get_method(method).default_weights
@@ -233,9 +234,9 @@ def test_cifar100_recipes_use_the_paper_settings(method: str, kind: str) -> None
 
 def test_quickstart_recipes_and_cutmix_override() -> None:
     for method in ("kd-aug", "ida", "ida-p"):
-        recipe = load_recipe(f"quickstart-{method}")
+        recipe = resolve_recipe(f"quickstart-{method}")
         assert recipe.method.name == method and recipe.data.dataset == "synthetic"
-    recipe = load_recipe("quickstart-ida", ["method.params.mix=cutmix"])
+    recipe = resolve_recipe("quickstart-ida", ["method.params.mix=cutmix"])
     assert recipe.method.params == {"mix": "cutmix"}
 
 

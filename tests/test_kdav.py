@@ -13,10 +13,10 @@ from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from kdcli.methods import get_method
+from kdcli.engine.pipeline import resolve_recipe
+from kdcli.engine.step import Engine, method_engine
 from kdcli.methods.base import Batch, StepInfo
 from kdcli.methods.kdav import (
-    KDAV,
     LABEL_FLOOR,
     InstanceQueue,
     av_log_predictive,
@@ -26,7 +26,7 @@ from kdcli.methods.kdav import (
     membership_scores,
 )
 from kdcli.models import create_model
-from kdcli.recipes import DataConfig, MethodConfig, Recipe, load_recipe
+from kdcli.recipes import MethodConfig
 
 
 def _unit(n: int, d: int, dtype=torch.float32) -> torch.Tensor:
@@ -127,15 +127,12 @@ def test_queue_warms_up_and_wraps_around_fifo() -> None:
 
 
 # -- the method ----------------------------------------------------------------------------------
-def _method(teacher_arch: str, student_arch: str, classes: int = 10, **params) -> KDAV:
+def _method(teacher_arch: str, student_arch: str, classes: int = 10, **params) -> Engine:
+    """A KDAV method (``.method``) and its engine; the teacher is the engine's ``teacher_seam.network``."""
     weights = params.pop("weights", {})
     method_cfg = MethodConfig(name="kdav", weights=weights, params=params)
-    recipe = Recipe(data=DataConfig(num_classes=classes), method=method_cfg)
     teacher = create_model(teacher_arch, num_classes=classes).eval().requires_grad_(False)
-    method = get_method("kdav").create({"student": create_model(student_arch, num_classes=classes)}, teacher,
-                                       recipe, classes)
-    method.build_optimizers(epochs=1)
-    return method
+    return method_engine(method_cfg, {"student": create_model(student_arch, num_classes=classes)}, teacher, classes)
 
 
 def _batch(n: int = 4, classes: int = 10, seed: int = 0) -> Batch:
@@ -149,64 +146,69 @@ def _info() -> StepInfo:
 
 def test_first_steps_use_the_batch_then_the_queue() -> None:
     torch.manual_seed(4)
-    method = _method("resnet8", "resnet8", queue_size=6)
+    engine = _method("resnet8", "resnet8", queue_size=6)
+    method = engine.method
     batch = _batch(4)
     t = torch.zeros(4, 10)
     assert method._members(torch.zeros(4, 64), t, batch.labels).embeddings.shape[0] == 4  # warm-up: batch only
-    out = method.train_step(batch, _info())
+    out = engine.train_step(batch, _info())
     assert math.isfinite(out.logs["loss"].item()) and out.logs["av"].item() > 0
     assert int(method.queue.count) == 4
     assert method._members(torch.zeros(4, 64), t, batch.labels).embeddings.shape[0] == 8
-    method.train_step(_batch(4, seed=1), _info())
+    engine.train_step(_batch(4, seed=1), _info())
     assert (int(method.queue.count), int(method.queue.pointer)) == (6, 2)
 
 
 def test_without_batch_members_the_first_step_has_no_av_loss() -> None:
     torch.manual_seed(5)
-    method = _method("resnet8", "resnet8", include_batch=False)
-    first = method.train_step(_batch(4), _info())
+    engine = _method("resnet8", "resnet8", include_batch=False)
+    first = engine.train_step(_batch(4), _info())
     assert first.logs["av"].item() == 0.0 and first.logs["loss"].item() == pytest.approx(first.logs["ce"].item())
-    assert method.train_step(_batch(4, seed=1), _info()).logs["av"].item() > 0
+    assert engine.train_step(_batch(4, seed=1), _info()).logs["av"].item() > 0
 
 
 def test_method_reaches_zero_av_when_the_student_is_the_teacher() -> None:
     """The wiring of the limit: own teacher entries are members and features come from pre-logits."""
     torch.manual_seed(6)
-    method = _method("resnet8", "resnet8", kappa=1e4, kappa_t=1e4, weights={"kd": 1.0, "rel": 1.0})
-    method.main.load_state_dict(method.teacher.state_dict())
+    engine = _method("resnet8", "resnet8", kappa=1e4, kappa_t=1e4, weights={"kd": 1.0, "rel": 1.0})
+    method = engine.method
+    method.main.load_state_dict(engine.teacher_seam.network.state_dict())
     with torch.no_grad():  # identity projector: e = n(h_S) = n(h_T) = mu
         method.projector.weight.copy_(torch.eye(64))
         method.projector.bias.zero_()
     method.eval()  # same BN statistics on both sides
-    _, terms = method.loss_terms(_batch(6), _info())
+    _, terms = engine.step_terms(_batch(6), _info())
     assert terms["av"].abs().item() < 1e-5 and terms["kd"].abs().item() < 1e-5 and terms["rel"].abs().item() < 1e-5
 
 
 @pytest.mark.parametrize("teacher, student, d_s, d_t", [("ResNet50", "ShuffleV1", 960, 2048),
                                                          ("vgg13", "MobileNetV2", 1280, 512)])
 def test_projector_maps_student_to_teacher_width(teacher: str, student: str, d_s: int, d_t: int) -> None:
-    method = _method(teacher, student, classes=100, queue_size=8)
+    engine = _method(teacher, student, classes=100, queue_size=8)
+    method = engine.method
     assert (method.projector.in_features, method.projector.out_features) == (d_s, d_t)
     assert method.queue.embeddings.shape == (8, d_t) and method.queue.logits.shape == (8, 100)
 
 
 def test_a_timm_student_trains_through_its_pre_logits() -> None:
     torch.manual_seed(7)
-    method = _method("resnet8x4", "resnet10t", queue_size=8, label_mode="onehot", projector="mlp")
+    engine = _method("resnet8x4", "resnet10t", queue_size=8, label_mode="onehot", projector="mlp")
+    method = engine.method
     assert (method.projector[0].in_features, method.projector[-1].out_features) == (512, 256)
     for seed in range(3):  # the third step sees a full queue, then wraps it
-        out = method.train_step(_batch(4, seed=seed), _info())
+        out = engine.train_step(_batch(4, seed=seed), _info())
         assert math.isfinite(out.logs["loss"].item()) and out.logs["av"].item() > 0
     assert method.projector[0].weight.grad.abs().sum() > 0
 
 
 def test_state_dict_holds_queue_and_projector() -> None:
-    method = _method("resnet8", "resnet8", queue_size=16)
-    method.train_step(_batch(4), _info())
+    engine = _method("resnet8", "resnet8", queue_size=16)
+    method = engine.method
+    engine.train_step(_batch(4), _info())
     state = method.state_dict()
     assert {"queue.embeddings", "queue.logits", "queue.labels", "queue.pointer", "queue.count",
             "projector.weight", "projector.bias"} <= set(state)
-    clone = _method("resnet8", "resnet8", queue_size=16)
+    clone = _method("resnet8", "resnet8", queue_size=16).method
     clone.load_state_dict(state)
     assert torch.equal(clone.queue.embeddings, method.queue.embeddings) and int(clone.queue.count) == 4
 
@@ -221,13 +223,13 @@ def test_every_kdav_recipe_loads_with_the_protocol() -> None:
     names = [n for n in list_recipes() if n.startswith("cifar100-") and n.endswith("-kdav")]
     assert sorted(names) == sorted(f"cifar100-{pair}-kdav" for pair in pairs)
     for name in names:
-        recipe = load_recipe(name)
+        recipe = resolve_recipe(name)
         assert recipe.method.name == "kdav"
         assert recipe.name == f"cifar100-{recipe.teacher.arch}-{recipe.student.arch}-kdav"
         small = recipe.student.arch in ("MobileNetV2", "ShuffleV1", "ShuffleV2")
         assert recipe.optim.lr == (0.01 if small else 0.05) and recipe.train.epochs == 240
         assert recipe.teacher.checkpoint == f"save/models/{recipe.teacher.arch}_vanilla/ckpt_epoch_240.pth"
-    assert load_recipe("quickstart-kdav").method.name == "kdav"
+    assert resolve_recipe("quickstart-kdav").method.name == "kdav"
 
 
 def test_resume_restores_queue_and_projector_exactly(tiny_recipe, tmp_path, interrupted) -> None:
@@ -235,7 +237,7 @@ def test_resume_restores_queue_and_projector_exactly(tiny_recipe, tmp_path, inte
     from kdcli.engine.trainer import RunContext
 
     overrides = ["method.params.queue_size=40", "train.batch_size=16"]
-    recipe = load_recipe(str(tiny_recipe(method="kdav", epochs=2)), overrides)
+    recipe = resolve_recipe(str(tiny_recipe(method="kdav", epochs=2)), overrides)
 
     def ctx(out: Path, resume: bool = False) -> RunContext:
         return RunContext(out, torch.device("cpu"), seed=5, console=Console(quiet=True), resume=resume, max_steps=3)
@@ -278,4 +280,4 @@ def test_non_positive_params_fail_when_the_recipe_loads(key: str) -> None:
     from kdcli.errors import UserError
 
     with pytest.raises(UserError, match=f"'method.params.{key}' of kdav must be > 0, got 0"):
-        load_recipe("quickstart-kdav", [f"method.params.{key}=0"])
+        resolve_recipe("quickstart-kdav", [f"method.params.{key}=0"])

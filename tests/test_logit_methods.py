@@ -14,12 +14,14 @@ from typer.testing import CliRunner
 
 from kdcli import losses
 from kdcli.cli import app
+from kdcli.engine.pipeline import resolve_recipe
+from kdcli.engine.step import Engine, method_engine
 from kdcli.errors import UserError
 from kdcli.methods import describe_methods, get_method
 from kdcli.methods.base import Batch, StepInfo
-from kdcli.methods.logit import TERMS, LogitMethod
+from kdcli.methods.logit import TERMS
 from kdcli.models import create_model
-from kdcli.recipes import MethodConfig, Recipe, load_recipe
+from kdcli.recipes import MethodConfig
 
 FIVE = ("kd", "ttm", "wttm", "dkd", "dist")
 CLASSES = 10
@@ -43,9 +45,10 @@ class FixedLogits(nn.Module):
 
 
 def make_method(name: str, student: nn.Module, teacher: nn.Module | None, weights: dict | None = None,
-                params: dict | None = None, num_classes: int = CLASSES) -> LogitMethod:
-    recipe = Recipe(method=MethodConfig(name=name, weights=weights or {}, params=params or {}))
-    return get_method(name).create({"student": student}, teacher, recipe, num_classes)
+                params: dict | None = None, num_classes: int = CLASSES) -> Engine:
+    """The method and its engine (``.method``; ``step_terms`` computes a step's terms without an update)."""
+    cfg = MethodConfig(name=name, weights=weights or {}, params=params or {})
+    return method_engine(cfg, {"student": student}, teacher, num_classes, epochs=240)
 
 
 def info(epoch: int = 0, epochs: int = 240) -> StepInfo:
@@ -80,7 +83,7 @@ def spec_batch() -> Batch:
 def test_ttm_and_wttm_methods_reproduce_the_spec_values(name: str, gamma: float) -> None:
     method = make_method(name, FixedLogits(SPEC_STUDENT, True), FixedLogits(SPEC_TEACHER, False),
                          params={"gamma": gamma}, num_classes=4)
-    _, terms = method.loss_terms(spec_batch(), info())
+    _, terms = method.step_terms(spec_batch(), info())
     expected = SPEC_VALUES[gamma][0 if name == "ttm" else 1]
     assert terms[name].item() == pytest.approx(expected, abs=1e-6)
     # CE is the plain label cross-entropy of the same logits (labels 2 and 0)
@@ -91,7 +94,7 @@ def test_ttm_and_wttm_methods_reproduce_the_spec_values(name: str, gamma: float)
 def test_kd_added_to_wttm_uses_the_params_temperature_and_matches_the_spec() -> None:
     method = make_method("wttm", FixedLogits(SPEC_STUDENT, True), FixedLogits(SPEC_TEACHER, False),
                          weights={"kd": 0.5}, params={"gamma": 0.5, "temperature": 4.0}, num_classes=4)
-    _, terms = method.loss_terms(spec_batch(), info())
+    _, terms = method.step_terms(spec_batch(), info())
     assert list(terms) == ["ce", "wttm", "kd"]
     assert terms["kd"].item() == pytest.approx(SPEC_KD_T4, abs=1e-6)
     assert terms["wttm"].item() == pytest.approx(SPEC_VALUES[0.5][1], abs=1e-6)
@@ -114,7 +117,7 @@ def expected_terms(name: str, student: Tensor, teacher: Tensor, labels: Tensor) 
 def test_terms_equal_the_loss_functions_on_real_networks(name: str, nets, batch: Batch) -> None:
     student, teacher = nets
     method = make_method(name, student, teacher)
-    logits, terms = method.loss_terms(batch, info(epoch=30))
+    logits, terms = method.step_terms(batch, info(epoch=30))
     with torch.no_grad():
         teacher_logits = teacher(batch.images)
     torch.testing.assert_close(logits, student(batch.images))
@@ -131,7 +134,6 @@ def test_logged_total_is_the_weighted_sum_of_the_logged_terms(name: str, batch: 
     student, teacher = create_model("resnet8", CLASSES), create_model("resnet8", CLASSES).eval()
     weights = {"ce": 0.7, name: 1.3} if name != "kd" else {"ce": 0.2, "kd": 0.8}
     method = make_method(name, student, teacher, weights=weights)
-    method.build_optimizers(240)
     before = [p.detach().clone() for p in student.parameters()]
     out = method.train_step(batch, info(epoch=30))
     manual = sum(weights[t] * out.logs[t] for t in weights)
@@ -170,41 +172,40 @@ def test_zero_weight_terms_and_an_unneeded_teacher_are_never_run(monkeypatch, ne
             raise AssertionError("ran the teacher for a CE-only step")
 
     method = make_method("wttm", student, NoTeacher(), weights={"wttm": 0.0, "kd": 0.0})
-    _, terms = method.loss_terms(batch, info())
+    _, terms = method.step_terms(batch, info())
     assert list(terms) == ["ce"]
 
 
 def test_zero_ce_weight_drops_the_ce_term(nets, batch: Batch) -> None:
     student, teacher = nets
     method = make_method("wttm", student, teacher, weights={"ce": 0.0})  # the paper's "WTTM w/o CE"
-    _, terms = method.loss_terms(batch, info())
+    _, terms = method.step_terms(batch, info())
     assert list(terms) == ["wttm"]
 
 
 def test_all_zero_weights_are_rejected_when_the_recipe_loads() -> None:
-    from kdcli.recipes import load_recipe
+    from kdcli.engine.pipeline import resolve_recipe
 
     with pytest.raises(UserError, match="every term in 'method.weights' is 0"):
-        load_recipe("quickstart-ttm", ["method.weights.ce=0", "method.weights.ttm=0"])
+        resolve_recipe("quickstart-ttm", ["method.weights.ce=0", "method.weights.ttm=0"])
 
 
 # -- DKD warm-up ---------------------------------------------------------------------------------
 def test_dkd_weight_warms_up_linearly_over_twenty_epochs(nets) -> None:
     student, teacher = nets
     method = make_method("dkd", student, teacher, weights={"dkd": 2.0})
-    ramp = [method.term_weight("dkd", info(epoch)) for epoch in (0, 9, 19, 30)]
+    ramp = [method.method.term_weight("dkd", info(epoch)) for epoch in (0, 9, 19, 30)]
     assert ramp == pytest.approx([2.0 / 20, 2.0 * 10 / 20, 2.0, 2.0])  # mdistiller: min(epoch/20, 1), epoch 1-based
-    assert method.term_weight("ce", info(0)) == 1.0  # CE is not warmed up
+    assert method.method.term_weight("ce", info(0)) == 1.0  # CE is not warmed up
 
 
 def test_dkd_warm_up_enters_the_total(nets, batch: Batch) -> None:
     student, teacher = nets
     method = make_method("dkd", student, teacher, params={"warmup_epochs": 4})
-    method.build_optimizers(240)
     out = method.train_step(batch, info(epoch=0))
     assert out.logs["loss"].item() == pytest.approx(out.logs["ce"].item() + 0.25 * out.logs["dkd"].item(), rel=1e-6)
     no_warmup = make_method("dkd", student, teacher, params={"warmup_epochs": 0})
-    assert no_warmup.term_weight("dkd", info(0)) == 1.0
+    assert no_warmup.method.term_weight("dkd", info(0)) == 1.0
 
 
 # -- recipe-level validation -----------------------------------------------------------------------
@@ -216,12 +217,12 @@ def test_dkd_warm_up_enters_the_total(nets, batch: Batch) -> None:
 ])
 def test_bad_method_settings_are_rejected_at_load(override: str, message: str) -> None:
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
-        load_recipe("quickstart-wttm", [override])
+        resolve_recipe("quickstart-wttm", [override])
 
 
 @pytest.mark.parametrize("name", ["ttm", "wttm", "dkd", "dist"])
 def test_quickstart_variants_differ_from_the_quickstart_only_in_the_method(name: str) -> None:
-    base, variant = load_recipe("quickstart"), load_recipe(f"quickstart-{name}")
+    base, variant = resolve_recipe("quickstart"), resolve_recipe(f"quickstart-{name}")
     assert variant.method.name == name
     assert set(variant.method.weights) == {"ce", name}
     assert dataclasses.replace(variant, name=base.name, description=base.description, method=base.method) == base
@@ -229,7 +230,7 @@ def test_quickstart_variants_differ_from_the_quickstart_only_in_the_method(name:
 
 def test_dkd_negative_warmup_is_rejected() -> None:
     with pytest.raises(UserError, match="warmup_epochs' must be >= 0"):
-        load_recipe("quickstart-dkd", ["method.params.warmup_epochs=-1"])
+        resolve_recipe("quickstart-dkd", ["method.params.warmup_epochs=-1"])
 
 
 # -- through the CLI -------------------------------------------------------------------------------

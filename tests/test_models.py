@@ -1,5 +1,6 @@
 """Tests for kdcli.models: the CIFAR zoo against the published state_dict layout, forward math against
-independent functional computations, the timm registration, and the model_features/feature_dims API."""
+independent functional computations, the timm registration, and the feature-tap API (stage maps through
+timm's forward_intermediates)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcli.data.registry import DATASETS
 from kdcli.errors import UserError
-from kdcli.models import ZOO, create_model, describe_models, feature_dims, model_features
-from kdcli.models.base import CIFAR100_MEAN
+from kdcli.models import ZOO, Taps, create_model, describe_models, feature_shapes, forward_taps
 from kdcli.models.wrn import PreActBlock
 
 # A gzipped copy of shared/reference/cifar_zoo_state_dicts.json (the standard CIFAR KD zoo's state_dict layout),
@@ -58,7 +59,7 @@ def test_zoo_names_in_benchmark_order_and_registered_in_timm() -> None:
     assert ZOO == ZOO_ORDER
     assert set(timm.list_models(module="cifar_zoo")) == set(ZOO)
     cfg = timm.models.get_pretrained_cfg("resnet8x4")
-    assert cfg.input_size == (3, 32, 32) and cfg.mean == CIFAR100_MEAN and cfg.classifier == "fc"
+    assert cfg.input_size == (3, 32, 32) and cfg.mean == DATASETS["cifar100"].mean and cfg.classifier == "fc"
     assert not set(timm.list_pretrained()) & set(ZOO)  # no zoo model claims hub weights
 
 
@@ -72,17 +73,53 @@ def test_zoo_model_matches_published_layout_and_feature_api(name: str, reference
     pooled_dim = ref["feature_shapes"][-1][0]
     last_map_hw = [s for s in ref["feature_shapes"] if len(s) == 3][-1][1:]
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    every = Taps(logits=True, pre_logits=True, feature_map=True)
     with torch.no_grad():
         logits = model(x)
-        feats = model_features(model, x)
+        feats = forward_taps(model, x, every)
         via_head = model.get_classifier()(model.forward_head(feats.feature_map, pre_logits=True))
     assert logits.shape == (2, 100) and torch.isfinite(logits).all()
     assert torch.equal(feats.logits, logits) and torch.equal(via_head, logits)
     assert list(feats.feature_map.shape) == [2, pooled_dim, *last_map_hw]
     assert feats.feature_map.min() >= 0  # every zoo network applies a ReLU before its global pool
     torch.testing.assert_close(feats.pre_logits, feats.feature_map.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
-    assert feature_dims(model) == (pooled_dim, pooled_dim) == (model.num_features, model.feature_channels)
+    assert feature_shapes(model, 32, every)[1:3] == ((pooled_dim,), (pooled_dim, *last_map_hw))
+    assert pooled_dim == model.num_features == model.feature_channels
     assert model.pretrained_cfg["architecture"] == name and model.pretrained_cfg["num_classes"] == 100
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_stage_maps_match_the_published_feature_list(name: str, reference: dict) -> None:
+    """Stage i's map has the shape of RepDistiller's ``feat[i]`` (the reference lists the stem first, except
+    for VGG whose first block is its stem); the last stage is the map that gets pooled, so where the original
+    puts a 1x1 head conv after the last group (MobileNetV2, ShuffleV2) it has ``num_features`` channels."""
+    model = timm.create_model(name, num_classes=100).eval()
+    maps = [tuple(shape) for shape in reference[name]["feature_shapes"] if len(shape) == 3]
+    maps = maps if name.startswith("vgg") else maps[1:]
+    expected = maps[:-1] + [(model.num_features, *maps[-1][1:])]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        final, stages = model.forward_intermediates(x)
+        features = model.forward_features(x)
+        only_first = model.forward_intermediates(x, indices=[0], intermediates_only=True)
+    assert [tuple(m.shape[1:]) for m in stages] == expected
+    assert [(info["num_chs"], 32 // info["reduction"]) for info in model.feature_info] == [(c, h) for c, h, _ in expected]
+    assert torch.equal(stages[-1], features) and torch.equal(final, features)
+    assert len(only_first) == 1 and torch.equal(only_first[0], stages[0])
+    tapped = forward_taps(model, x, Taps(stages=(0, -1)))
+    assert torch.equal(tapped.logits, model(x)) and torch.equal(tapped.stages[1], features)
+
+
+def test_prune_intermediate_layers_keeps_the_stages_asked_for() -> None:
+    model = timm.create_model("resnet8x4", num_classes=100).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        second = model.forward_intermediates(x, indices=[1], intermediates_only=True)[0]
+        assert model.prune_intermediate_layers(indices=[1]) == [1]
+        assert isinstance(model.layer3, nn.Identity) and len(model.feature_info) == 2
+        assert torch.equal(model.forward_features(x), second)
+        torch.testing.assert_close(model(x), second.mean(dim=(2, 3)))  # head pruned: pooled features
+    assert model.num_features == 128
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -195,22 +232,28 @@ def test_reset_classifier_on_a_nested_head() -> None:
 def test_timm_cnn_through_create_model_and_features() -> None:
     model = create_model("resnet18", num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
+    every = Taps(logits=True, pre_logits=True, feature_map=True, stages=(1, -1))
     with torch.no_grad():
-        feats = model_features(model, x)
+        feats = forward_taps(model, x, every)
         logits = model(x)
     assert feats.logits.shape == (2, 10) and feats.pre_logits.shape == (2, 512)
-    assert feats.feature_map.shape == (2, 512, 1, 1)
+    assert feats.feature_map.shape == (2, 512, 1, 1) and torch.equal(feats.stages[-1], feats.feature_map)
     assert torch.equal(feats.logits, logits)
     model.train()
-    assert feature_dims(model) == (512, 512) and model.training  # training flag restored
+    shapes = feature_shapes(model, 32, every)
+    # timm's resnet18 lists its stem first: index 1 is layer1, 64 channels at stride 4 (8x8 for 32x32 inputs)
+    assert shapes.pre_logits == (512,) and shapes.stages == ((64, 8, 8), (512, 1, 1))
+    assert model.training  # training flag restored
 
 
 def test_timm_vit_feature_map_is_tokens() -> None:
     model = create_model("vit_tiny_patch16_224", num_classes=10, img_size=32).eval()
+    every = Taps(logits=True, pre_logits=True, feature_map=True)
     with torch.no_grad():
-        feats = model_features(model, torch.randn(2, 3, 32, 32))
+        feats = forward_taps(model, torch.randn(2, 3, 32, 32), every)
     assert feats.feature_map.shape == (2, 1 + 4, 192)  # class token + (32/16)^2 patches
-    assert feats.logits.shape == (2, 10) and feature_dims(model) == (192, 192) and not model.training
+    assert feats.logits.shape == (2, 10) and feature_shapes(model, 32, every).pre_logits == (192,)
+    assert not model.training
 
 
 @pytest.mark.parametrize("typo, suggestion", [("resnet8X4", "resnet8x4"), ("resnt20", "resnet20"),

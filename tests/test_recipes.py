@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import pytest
 
+from kdcli.engine.pipeline import resolve_recipe
 from kdcli.errors import UserError
-from kdcli.recipes import Recipe, list_recipes, load_recipe
+from kdcli.recipes import Recipe, list_recipes
 
 
 @pytest.mark.parametrize("name", list_recipes())
 def test_every_shipped_recipe_loads(name: str) -> None:
-    recipe = load_recipe(name)
+    recipe = resolve_recipe(name)
     assert isinstance(recipe, Recipe)
     assert recipe.name == name
     assert recipe.teacher is not None or recipe.student is not None or recipe.method.params.get("networks")
 
 
 def test_cifar100_resnet_is_the_standard_protocol() -> None:
-    r = load_recipe("cifar100-resnet")
+    r = resolve_recipe("cifar100-resnet")
     assert (r.data.dataset, r.teacher.arch, r.student.arch) == ("cifar100", "resnet32x4", "resnet8x4")
     assert (r.train.epochs, r.train.batch_size) == (240, 64)
     assert (r.optim.name, r.optim.lr, r.optim.momentum, r.optim.weight_decay) == ("sgd", 0.05, 0.9, 5e-4)
@@ -28,24 +29,24 @@ def test_cifar100_resnet_is_the_standard_protocol() -> None:
 
 
 def test_overrides_are_typed_and_nested() -> None:
-    r = load_recipe("cifar100-resnet", ["train.epochs=3", "optim.lr=0.1", "schedule.milestones=[1,2]",
+    r = resolve_recipe("cifar100-resnet", ["train.epochs=3", "optim.lr=0.1", "schedule.milestones=[1,2]",
                                         "method.weights.kd=0.5"])
     assert (r.train.epochs, r.optim.lr, r.schedule.milestones) == (3, 0.1, [1, 2])
     assert r.method.weights == {"ce": 0.1, "kd": 0.5}
 
 
 def test_set_method_switches_the_method_with_its_defaults() -> None:
-    switched = load_recipe("cifar100-resnet", ["method=ttm"])
+    switched = resolve_recipe("cifar100-resnet", ["method=ttm"])
     assert (switched.method.name, switched.method.weights, switched.method.params) == ("ttm", {}, {})
-    renamed = load_recipe("cifar100-resnet", ["method.name=dkd", "method.weights={ce: 1.0, dkd: 1.0}"])
+    renamed = resolve_recipe("cifar100-resnet", ["method.name=dkd", "method.weights={ce: 1.0, dkd: 1.0}"])
     assert renamed.method.params == {"temperature": 4.0}  # method.name=... keeps the section's other keys
     with pytest.raises(UserError, match="'method.name'.*nope"):
-        load_recipe("cifar100-resnet", ["method=nope"])
+        resolve_recipe("cifar100-resnet", ["method=nope"])
 
 
 def test_config_hash_changes_with_content() -> None:
-    a, b = load_recipe("cifar100-resnet"), load_recipe("cifar100-resnet", ["train.epochs=3"])
-    assert a.config_hash() == load_recipe("cifar100-resnet").config_hash()
+    a, b = resolve_recipe("cifar100-resnet"), resolve_recipe("cifar100-resnet", ["train.epochs=3"])
+    assert a.config_hash() == resolve_recipe("cifar100-resnet").config_hash()
     assert a.config_hash() != b.config_hash()
 
 
@@ -66,7 +67,7 @@ def test_bad_recipes_name_the_key_and_file(tmp_path, yaml_text: str, needle: str
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
     with pytest.raises(UserError) as info:
-        load_recipe(str(path))
+        resolve_recipe(str(path))
     message = str(info.value)
     assert needle in message and str(path) in message
     assert "\n" not in message
@@ -74,13 +75,13 @@ def test_bad_recipes_name_the_key_and_file(tmp_path, yaml_text: str, needle: str
 
 def test_unknown_recipe_suggests_close_names() -> None:
     with pytest.raises(UserError, match="did you mean cifar100-resnet"):
-        load_recipe("cifar100-resnt")
+        resolve_recipe("cifar100-resnt")
 
 
 def test_base_chain_and_bad_override(tmp_path) -> None:
     path = tmp_path / "mine.yaml"
     path.write_text("base: cifar100-resnet\ntrain: {epochs: 7}\n")
-    r = load_recipe(str(path))
+    r = resolve_recipe(str(path))
     assert (r.name, r.train.epochs, r.teacher.arch, r.optim.lr) == ("mine", 7, "resnet32x4", 0.05)
     with pytest.raises(UserError, match="expected key.path=value"):
-        load_recipe(str(path), ["train.epochs"])
+        resolve_recipe(str(path), ["train.epochs"])

@@ -19,9 +19,9 @@ from kdcli.bench import bench_ida_step
 from kdcli.cli import app
 from kdcli.data import TensorSplit
 from kdcli.engine.checkpoint import save_weights
+from kdcli.engine.pipeline import resolve_recipe
 from kdcli.errors import UserError
 from kdcli.models import create_model
-from kdcli.recipes import load_recipe
 from kdcli.violations import ViolationReport, measure_violations, parse_augmentations, teacher_source
 
 runner = CliRunner()
@@ -155,7 +155,7 @@ def test_bad_arguments_are_user_errors() -> None:
 
 def test_teacher_source(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # no runs/ here
-    recipe = load_recipe("quickstart")
+    recipe = resolve_recipe("quickstart")
     with pytest.raises(UserError, match="train-teacher"):
         teacher_source(recipe, None, None, smoke=False)
     with pytest.raises(UserError, match="does not exist"):
@@ -212,7 +212,7 @@ def test_measure_violations_without_a_teacher_checkpoint_says_how_to_get_one(tmp
 
 def test_teacher_source_finds_the_newest_run_of_exactly_this_recipe(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    recipe = load_recipe("quickstart")
+    recipe = resolve_recipe("quickstart")
     teachers = {}
     for run in ("quickstart-distill-20260101-000000", "quickstart-train-teacher-20260102-000000",
                 "quickstart-ida-distill-20260103-000000"):
@@ -223,7 +223,7 @@ def test_teacher_source_finds_the_newest_run_of_exactly_this_recipe(tmp_path: Pa
     path, arch = teacher_source(recipe, None, None, smoke=False)
     assert path == Path("runs/quickstart-distill-20260101-000000/teacher/checkpoints/teacher-best.safetensors")
     assert arch == "resnet8"
-    assert teacher_source(load_recipe("quickstart-ida"), None, None, smoke=False)[0].parts[1].startswith("quickstart-ida")
+    assert teacher_source(resolve_recipe("quickstart-ida"), None, None, smoke=False)[0].parts[1].startswith("quickstart-ida")
 
 
 def test_bench_isotonic_command(tmp_path: Path) -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from kdcli.data.cifar import CIFAR, load_cifar
 from kdcli.data.folder import load_imagefolder
+from kdcli.data.registry import DATASETS
 from kdcli.data.spec import DataBundle
 from kdcli.data.splits import TensorSplit, channel_stats, stratified_split
 from kdcli.data.synthetic import synthetic_split
 from kdcli.errors import UserError
 from kdcli.recipes import DataConfig
-
-DATASETS = ("synthetic", *CIFAR, "imagefolder")
 
 
 def build_data(spec: DataConfig) -> DataBundle:

@@ -10,6 +10,7 @@ import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import download_and_extract_archive
 
+from kdcli.data.registry import DATASETS, Triple
 from kdcli.data.splits import TensorSplit
 from kdcli.errors import UserError
 
@@ -18,14 +19,16 @@ from kdcli.errors import UserError
 class CifarInfo:
     title: str
     dataset: type[CIFAR10]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: Triple
+    std: Triple
 
 
-CIFAR = {
-    "cifar10": CifarInfo("CIFAR-10", CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": CifarInfo("CIFAR-100", CIFAR100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
+def _info(name: str, dataset: type[CIFAR10]) -> CifarInfo:
+    entry = DATASETS[name]
+    return CifarInfo(entry.title, dataset, entry.mean, entry.std)
+
+
+CIFAR = {"cifar10": _info("cifar10", CIFAR10), "cifar100": _info("cifar100", CIFAR100)}
 
 
 def _presence_checked(dataset: type[CIFAR10]) -> type[CIFAR10]:

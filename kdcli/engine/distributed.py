@@ -1,8 +1,9 @@
-"""DDP through torchrun: rank discovery, process group, wrapping and unwrapping networks.
+"""DDP through torchrun: rank discovery, process group, the DDP wrapper, barriers.
 
 ``torchrun --nproc_per_node N -m kdcli distill ...`` sets RANK/WORLD_SIZE/LOCAL_RANK; each rank trains
 on a disjoint shard of every epoch (see ``kdcli.data.make_loader(shard=...)``), gradients are averaged by
-DistributedDataParallel and only rank 0 writes files.
+DistributedDataParallel (one wrapper around the whole method, see :mod:`kdcli.engine.step`) and only
+rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -49,15 +50,18 @@ def local_device(requested: torch.device, env: DistEnv) -> torch.device:
     return requested
 
 
-def wrap(network: nn.Module, env: DistEnv) -> nn.Module:
+def wrap(module: nn.Module, env: DistEnv, find_unused_parameters: bool = False) -> nn.Module:
+    """``module`` in DistributedDataParallel when several ranks train (unchanged for one process).
+
+    ``device_ids`` stays None: the module and its inputs are already on this rank's device, so DDP moves
+    nothing. Buffers are not broadcast from rank 0 at every forward: BN statistics in training mode do not
+    enter the forward pass, only rank 0's are saved, and a method's other buffers (KDAV's queue) are kept
+    identical by the method, so broadcasting them would only cost bandwidth.
+    """
     if not env.enabled:
-        return network
-    device_ids = [env.local_rank] if next(network.parameters()).is_cuda else None
-    return nn.parallel.DistributedDataParallel(network, device_ids=device_ids)
-
-
-def unwrap(network: nn.Module) -> nn.Module:
-    return network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+        return module
+    return nn.parallel.DistributedDataParallel(module, broadcast_buffers=False,
+                                               find_unused_parameters=find_unused_parameters)
 
 
 def _group_active() -> bool:
@@ -69,20 +73,3 @@ def barrier() -> None:
     """Wait for every rank (a no-op for a single process): e.g. until rank 0 has written a checkpoint."""
     if _group_active():
         torch.distributed.barrier()
-
-
-def average_gradients(optimizer: torch.optim.Optimizer) -> None:
-    """Average the gradients of ``optimizer``'s parameters over the ranks (a no-op for a single process).
-
-    DistributedDataParallel only synchronises gradients of a backward that follows its own ``forward``.
-    Updates whose forward bypasses it (feature taps through ``unwrap(net).forward_features``, projectors,
-    discriminators) call this between ``backward()`` and ``step()`` so every rank applies the same update.
-    """
-    if not _group_active():
-        return
-    world = torch.distributed.get_world_size()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad.div_(world)

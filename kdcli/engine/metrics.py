@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdcli.devices import autocast
+from kdcli.losses import kl_div
+
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, precision: str = "fp32") -> tuple[Tensor, Tensor, Tensor]:
@@ -13,20 +16,12 @@ def predict(model: nn.Module, loader, precision: str = "fp32") -> tuple[Tensor, 
     model.eval()
     outputs, labels, indices = [], [], []
     for images, target, index in loader:
-        with _autocast(images.device, precision):
+        with autocast(images.device, precision):
             logits = model(images)
         outputs.append(logits.float().cpu())
         labels.append(target.cpu())
         indices.append(index.cpu())
     return torch.cat(outputs), torch.cat(labels), torch.cat(indices)
-
-
-def _autocast(device: torch.device, precision: str):
-    import contextlib
-
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, k: int = 1) -> float:
@@ -63,7 +58,7 @@ def agreement_metrics(student: Tensor, teacher: Tensor) -> dict[str, float]:
     """Top-1 agreement (%) and mean KL(teacher || student) at T=1 (nats)."""
     log_s = F.log_softmax(student.double(), dim=1)
     log_t = F.log_softmax(teacher.double(), dim=1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(dim=1).mean()
+    kl = kl_div(log_s, log_t, log_target=True).mean()
     agree = (student.argmax(1) == teacher.argmax(1)).double().mean()
     return {"agreement": 100.0 * agree.item(), "kl_teacher_student": kl.item()}
 

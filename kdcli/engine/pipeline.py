@@ -27,17 +27,30 @@ from rich.markup import escape
 from torch import nn
 
 from kdcli.data import DataBundle, build_data, smoke_data
+from kdcli.data.registry import DATASETS
 from kdcli.engine.checkpoint import load_model
-from kdcli.engine.distributed import wrap
 from kdcli.engine.io import write_csv
+from kdcli.engine.step import build_method
 from kdcli.engine.trainer import RunContext, RunSummary, Trainer
 from kdcli.errors import UserError
-from kdcli.methods import get_method
-from kdcli.recipes import Recipe
+from kdcli.methods import get_method, validate_method_config
+from kdcli.methods.base import parse_params
+from kdcli.recipes import Recipe, find_recipe, load_recipe
 
 SMOKE_STEPS = 2
 SMOKE_BATCH = 16
-CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+def resolve_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe (with ``--set`` overrides) and check its ``method`` section against the method registry."""
+    recipe = load_recipe(name_or_path, overrides)
+    validate_method_config(recipe.method, str(find_recipe(name_or_path)) + (" with --set overrides" if overrides else ""))
+    return recipe
+
+
+def dataset_classes(recipe: Recipe) -> int:
+    """The class count of the recipe's dataset: the registry's, or the recipe's own for synthetic data."""
+    return DATASETS[recipe.data.dataset].num_classes or recipe.data.num_classes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,7 +96,7 @@ def prepare_data(recipe: Recipe, smoke: bool) -> DataBundle:
     """The recipe's dataset, or for --smoke generated data with its real class count and image size."""
     cfg = recipe.data
     if smoke:
-        num_classes = CLASSES.get(cfg.dataset, cfg.num_classes)
+        num_classes = dataset_classes(recipe)
         if cfg.dataset == "imagefolder":
             num_classes = _folder_classes(cfg.root) or cfg.num_classes
         return smoke_data(num_classes, cfg.image_size, seed=cfg.data_seed)
@@ -129,12 +142,12 @@ def run_stage(stage: str, method_name: str, networks: dict[str, str], teacher: n
              for name, arch in networks.items()}
     if only is not None:
         built = {only: built[only]}
-    built = {name: wrap(net, ctx.dist) for name, net in built.items()}
     stage_recipe = recipe if method_name == recipe.method.name else dataclasses.replace(
         recipe, method=dataclasses.replace(recipe.method, name=method_name, weights={}, params={}))
-    method = get_method(method_name).create(built, teacher, stage_recipe, data.num_classes).to(ctx.device)
+    method = build_method(stage_recipe.method, built, teacher, data.num_classes, data.image_size, ctx.device,
+                          ctx.dist.world)
     stage_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / stage)
-    return Trainer(method, data, stage_recipe, stage_ctx, stage).fit()
+    return Trainer(method, teacher, data, stage_recipe, stage_ctx, stage).fit()
 
 
 def train_teacher(recipe: Recipe, ctx: RunContext, smoke: bool) -> list[RunSummary]:
@@ -150,7 +163,7 @@ def distill(recipe: Recipe, ctx: RunContext, smoke: bool) -> list[RunSummary]:
     data = prepare_data(recipe, smoke)
     summaries: list[RunSummary] = []
     teacher = None
-    if method_cls.needs_teacher:
+    if method_cls.teacher_taps is not None:
         if recipe.teacher is None:
             raise UserError(f"method '{recipe.method.name}' needs a teacher; "
                             "add teacher.arch (and teacher.checkpoint) to the recipe")
@@ -159,7 +172,8 @@ def distill(recipe: Recipe, ctx: RunContext, smoke: bool) -> list[RunSummary]:
             summaries += train_teacher(recipe, ctx, smoke)
             path = str(ctx.out_dir / TEACHER_CHECKPOINT)
         teacher = load_teacher(path, recipe.teacher.arch, data.num_classes, smoke, ctx.console).to(ctx.device)
-    networks = method_cls.networks_for(recipe)
+    student_arch = recipe.student.arch if recipe.student is not None else None
+    networks = method_cls.networks_for(parse_params(method_cls, recipe.method.params), student_arch)
     if recipe.train.baseline:
         for name in networks:
             stage = "baseline" if len(networks) == 1 else f"baseline-{name}"

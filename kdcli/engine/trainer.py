@@ -19,12 +19,14 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
 
 from kdcli.data import DataBundle, make_loader
 from kdcli.engine import checkpoint
-from kdcli.engine.distributed import DistEnv, barrier, unwrap
+from kdcli.engine.distributed import DistEnv, barrier
 from kdcli.engine.io import write_csv
 from kdcli.engine.metrics import classification_metrics, ensemble_logits, predict
+from kdcli.engine.step import Engine
 from kdcli.methods.base import Batch, Method, StepInfo
 from kdcli.recipes import Recipe
 
@@ -69,8 +71,10 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 
 class Trainer:
-    def __init__(self, method: Method, data: DataBundle, recipe: Recipe, ctx: RunContext, stage: str) -> None:
+    def __init__(self, method: Method, teacher: nn.Module | None, data: DataBundle, recipe: Recipe, ctx: RunContext,
+                 stage: str) -> None:
         self.method, self.data, self.recipe, self.ctx, self.stage = method, data, recipe, ctx, stage
+        self.engine = Engine(method, teacher, recipe, recipe.train.epochs, ctx.dist)
         self.dir = ctx.out_dir
         self.ckpt_dir = ctx.out_dir / "checkpoints"
         train = recipe.train
@@ -88,7 +92,6 @@ class Trainer:
     # -- public -----------------------------------------------------------------------------------
     def fit(self) -> RunSummary:
         epochs = self.recipe.train.epochs
-        self.method.build_optimizers(epochs)
         if self.ctx.resume and self._restore():
             where = escape(str(self.ckpt_dir))
             self.ctx.console.print(f"[cyan]{self.stage}[/]: resumed after epoch {self.start_epoch} from {where}")
@@ -110,7 +113,7 @@ class Trainer:
         method.train()
         loader.set_epoch(epoch)
         generator = torch.Generator().manual_seed(epoch_seed(self.ctx.seed, epoch, 1))
-        info = StepInfo(epoch, self.recipe.train.epochs, self.step, generator, self.recipe.train.precision)
+        info = StepInfo(epoch, self.recipe.train.epochs, self.step, generator)
         steps = len(loader) if self.ctx.max_steps is None else min(len(loader), self.ctx.max_steps)
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.ctx.device)
@@ -123,7 +126,7 @@ class Trainer:
                 if i >= steps:
                     break
                 info.step = self.step
-                out = method.train_step(Batch(images, labels, indices), info)
+                out = self.engine.train_step(Batch(images, labels, indices), info)
                 for name, value in out.logs.items():
                     sums[name] = sums.get(name, 0.0) + value
                 correct += (out.logits.argmax(1) == labels).sum()
@@ -134,8 +137,7 @@ class Trainer:
                     accuracy = 100 * correct.item() / seen
                     stats = f"loss {sums['loss'].item() / (i + 1):.4f} acc {accuracy:.1f}% {rate:.0f} img/s"
                     progress.update(task, completed=i + 1, stats=stats)
-        for scheduler in method.schedulers.values():
-            scheduler.step()
+        self.engine.end_epoch()
         seconds = time.perf_counter() - begin
         row = {"epoch": epoch + 1, "lr": lr}
         row.update({name: (value / max(steps, 1)).item() for name, value in sums.items()})
@@ -154,7 +156,7 @@ class Trainer:
                                f"{row['images_per_s']:.0f} img/s", highlight=False)
 
     def _lr(self) -> float:
-        optimizer = next(iter(self.method.optimizers.values()))
+        optimizer = next(iter(self.engine.optimizers.values()))
         return optimizer.param_groups[0]["lr"]
 
     def _progress(self) -> Progress:
@@ -185,7 +187,7 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _meta(self, name: str, epoch: int) -> dict[str, Any]:
-        net = unwrap(self.method.networks[name])
+        net = self.method.networks[name]
         return {
             "arch": getattr(net, "kdcli_arch", type(net).__name__),
             "num_classes": self.data.num_classes,
@@ -203,7 +205,7 @@ class Trainer:
         best = self._best_row()
         is_best = key in row and best is row
         for name in self.method.networks:
-            net = unwrap(self.method.networks[name])
+            net = self.method.networks[name]
             checkpoint.save_weights(net, self.ckpt_dir / f"{name}-last", self._meta(name, epoch))
             if is_best:
                 checkpoint.save_weights(net, self.ckpt_dir / f"{name}-best", self._meta(name, epoch))
@@ -213,8 +215,8 @@ class Trainer:
         state: dict[str, Any] = {
             "epoch": epoch + 1, "step": self.step, "history": self.history,
             "method": self.method.state_dict(),
-            "optimizers": {k: v.state_dict() for k, v in self.method.optimizers.items()},
-            "schedulers": {k: v.state_dict() for k, v in self.method.schedulers.items()},
+            "optimizers": {k: v.state_dict() for k, v in self.engine.optimizers.items()},
+            "schedulers": {k: v.state_dict() for k, v in self.engine.schedulers.items()},
             "rng_cpu": torch.get_rng_state(),
             "config_hash": self.recipe.config_hash(),
         }
@@ -227,9 +229,9 @@ class Trainer:
         if state is None:
             return False
         self.method.load_state_dict(state["method"])
-        for key, optimizer in self.method.optimizers.items():
+        for key, optimizer in self.engine.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][key])
-        for key, scheduler in self.method.schedulers.items():
+        for key, scheduler in self.engine.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][key])
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():
@@ -253,7 +255,7 @@ class Trainer:
             net = self.method.networks[name] if name in self.method.networks else None
             results.append(NetworkResult(
                 network=name,
-                arch=getattr(unwrap(net), "kdcli_arch", "") if net is not None else "+".join(names),
+                arch=getattr(net, "kdcli_arch", "") if net is not None else "+".join(names),
                 best_epoch=int(best["epoch"]),
                 best_top1=best[f"{split}_top1{suffix}"],
                 last_top1=last[f"{split}_top1{suffix}"],

@@ -37,20 +37,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcli import losses
-from kdcli.engine.distributed import average_gradients, unwrap
 from kdcli.errors import UserError
 from kdcli.methods import register
 from kdcli.methods.base import (
     Batch,
     Method,
+    MethodContext,
     MethodParams,
+    Outputs,
+    ParamGroup,
+    Step,
     StepInfo,
     StepOutput,
-    build_optimizer,
-    build_scheduler,
-    parse_params,
+    main_output,
+    step_output,
 )
-from kdcli.recipes import Recipe, ScheduleConfig
+from kdcli.models import Features, Taps
+from kdcli.recipes import OptimConfig, ScheduleConfig
+
+LOGITS = Taps(logits=True)
+MAPS = Taps(logits=False, feature_map=True)
 
 
 @dataclass
@@ -137,24 +143,6 @@ def transfer_layer(in_channels: int, out_channels: int, in_size: tuple[int, int]
     return nn.Sequential(*layers) if layers else nn.Identity()
 
 
-def feature_map_shape(network: nn.Module, image_size: int) -> tuple[int, int, int]:
-    """(C, H, W) of ``forward_features`` for one image, probed in eval mode without gradients."""
-    net = unwrap(network)
-    like = next(net.parameters())
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            fmap = net.forward_features(torch.zeros(1, 3, image_size, image_size, device=like.device, dtype=like.dtype))
-    finally:
-        net.train(was_training)
-    if fmap.ndim != 4 or getattr(net, "output_fmt", "NCHW") == "NHWC":
-        arch = getattr(net, "kdcli_arch", type(net).__name__)
-        raise UserError(f"AFD needs a (B, C, H, W) feature map, but '{arch}' returns {tuple(fmap.shape)} "
-                        f"({getattr(net, 'output_fmt', 'tokens')}); use a CNN architecture")
-    return tuple(fmap.shape[1:])
-
-
 def squared_error(probabilities: Tensor, target: float) -> Tensor:
     """Least-squares GAN loss: mean over samples and outputs of (D(f) - target)²."""
     return (probabilities - target).pow(2).mean()
@@ -169,22 +157,25 @@ class AFD(Method):
                "SGD on CE + T^2*KL, Adam on LSGAN feature-map losses")
     Params = AFDParams
     default_weights = {"ce": 1.0, "kl": 1.0, "feature": 1.0}
-    needs_teacher = False
+    taps = Taps(logits=True, feature_map=True)  # logits in the logit pass, maps in the feature pass
+    teacher_taps = None
+    every_pass_uses_all_parameters = False  # the logit pass skips T_k and D_k, the feature pass the classifiers
+    params: AFDParams
 
     @classmethod
-    def networks_for(cls, recipe: Recipe) -> dict[str, str]:
+    def networks_for(cls, params: AFDParams, student_arch: str | None) -> dict[str, str]:
         """net1..netK from ``method.params.networks``, or two copies of ``student.arch`` when it is empty."""
-        archs = parse_params(cls, recipe.method.params).networks
+        archs = params.networks
         if not archs:
-            if recipe.student is None:
-                raise UserError(f"recipe '{recipe.name}': method 'afd' needs method.params.networks "
-                                "(a list of >= 2 archs) or student.arch (trained as two copies)")
-            archs = [recipe.student.arch] * 2
+            if student_arch is None:
+                raise UserError("method 'afd' needs method.params.networks (a list of >= 2 archs) or student.arch "
+                                "(trained as two copies)")
+            archs = [student_arch] * 2
         return {f"net{k}": arch for k, arch in enumerate(archs, 1)}
 
-    def __init__(self, networks: dict[str, nn.Module], teacher: nn.Module | None, recipe: Recipe,
-                 params: AFDParams, num_classes: int) -> None:
-        super().__init__(networks, teacher, recipe, params, num_classes)
+    def __init__(self, networks: dict[str, nn.Module], params: AFDParams, weights: dict[str, float],
+                 ctx: MethodContext) -> None:
+        super().__init__(networks, params, weights, ctx)
         names = list(self.networks)
         if len(names) < 2:
             raise UserError(f"method 'afd' trains K >= 2 networks, got {len(names)}")
@@ -196,12 +187,24 @@ class AFD(Method):
         self.transfers = nn.ModuleDict()
         self.discriminators = nn.ModuleDict()
         if self.feature_mode is not None:
-            self._build_feature_modules(recipe.data.image_size)
+            self._build_feature_modules()
 
-    def _build_feature_modules(self, image_size: int) -> None:
+    def _feature_map_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """(C, H, W) of every network's ``forward_features``; a token or NHWC output is a user error."""
+        shapes = {}
+        for name, net in self.networks.items():
+            shape = self.ctx.shapes[name].feature_map
+            if len(shape) != 3 or getattr(net, "output_fmt", "NCHW") == "NHWC":
+                arch = getattr(net, "kdcli_arch", type(net).__name__)
+                raise UserError(f"AFD needs a (B, C, H, W) feature map, but '{arch}' returns {shape} per image "
+                                f"({getattr(net, 'output_fmt', 'tokens')}); use a CNN architecture")
+            shapes[name] = shape
+        return shapes
+
+    def _build_feature_modules(self) -> None:
         """Transfer layers to a common (C*, H*, W*) and, for the adversarial loss, one D per network."""
         p = self.params
-        shapes = {name: feature_map_shape(net, image_size) for name, net in self.networks.items()}
+        shapes = self._feature_map_shapes()
         channels = p.transfer_channels or max(c for c, _, _ in shapes.values())
         grid = (min(h for _, h, _ in shapes.values()), min(w for _, _, w in shapes.values()))
         for name, (c, h, w) in shapes.items():
@@ -216,31 +219,18 @@ class AFD(Method):
             return []
         params: list[nn.Parameter] = []
         for net in self.networks.values():
-            head = {id(p) for p in unwrap(net).get_classifier().parameters()}
+            head = {id(p) for p in net.get_classifier().parameters()}
             params += [p for p in net.parameters() if id(p) not in head]
         return params + list(self.transfers.parameters())
 
-    def build_optimizers(self, epochs: int) -> None:
-        """logit: the recipe's SGD over all network parameters; generator / discriminator: Adam."""
+    def param_groups(self) -> list[ParamGroup]:
+        """logit: the recipe's optimiser (SGD) over all network parameters; generator / discriminator: Adam."""
         p = self.params
-        logit = build_optimizer(self.networks.parameters(), self.recipe.optim)
-        self.optimizers = {"logit": logit}
-        self.schedulers = {"logit": build_scheduler(logit, self.recipe.schedule, epochs)}
-        adam_schedule = ScheduleConfig(name="multistep", milestones=list(p.adam_milestones), gamma=p.adam_gamma)
-        groups = {"generator": self.generator_parameters(), "discriminator": list(self.discriminators.parameters())}
-        for key, group in groups.items():
-            if group:
-                adam = torch.optim.Adam(group, lr=p.adam_lr, betas=tuple(p.adam_betas), weight_decay=p.adam_weight_decay)
-                self.optimizers[key] = adam
-                self.schedulers[key] = build_scheduler(adam, adam_schedule, epochs)
-
-    def _update(self, key: str, loss: Tensor) -> None:
-        optimizer = self.optimizers[key]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if key != "logit":
-            average_gradients(optimizer)
-        optimizer.step()
+        adam = OptimConfig(name="adam", lr=p.adam_lr, betas=list(p.adam_betas), weight_decay=p.adam_weight_decay)
+        schedule = ScheduleConfig(name="multistep", milestones=list(p.adam_milestones), gamma=p.adam_gamma)
+        return [ParamGroup("logit", list(self.networks.parameters())),
+                ParamGroup("generator", self.generator_parameters(), adam, schedule),
+                ParamGroup("discriminator", list(self.discriminators.parameters()), adam, schedule)]
 
     # -- losses -----------------------------------------------------------------------------------
     def logit_terms(self, logits: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
@@ -274,75 +264,76 @@ class AFD(Method):
         return terms
 
     # -- the step ---------------------------------------------------------------------------------
-    def train_step(self, batch: Batch, info: StepInfo) -> StepOutput:
+    def train_step(self, batch: Batch, step: Step, info: StepInfo) -> StepOutput:
         """The spec's order: logit SGD step, then the feature-map steps; ``loss`` is the networks' total."""
-        logits, logs, total = self.logit_step(batch, info)
+        logits, terms = step.forward(LOGITS, self.logit_pass, batch, info)
+        total = self.weighted_total(terms, info)
+        step.update(total, "logit")
         if self.feature_mode is not None:
-            feature_logs, feature_total = self.feature_step(batch.images, info)
-            logs.update(feature_logs)
+            feature_terms, feature_total = self.feature_step(batch, step)
+            terms = {**terms, **feature_terms}
             total = total + feature_total
-        logs = {name: value.detach().float() for name, value in logs.items()}
-        logs["loss"] = total.detach().float()
-        return StepOutput(logits.detach(), logs)
+        return step_output(logits, terms, total)
 
-    def loss_terms(self, batch: Batch, info: StepInfo) -> tuple[Tensor, dict[str, Tensor]]:
-        """The logit part of step 1: every network's forward and its ``<net>/ce``, ``<net>/kl`` terms.
-
-        Returns the first network's logits (for the running train accuracy) and the terms.
-        """
-        logits = {name: net(batch.images) for name, net in self.networks.items()}
-        return logits[next(iter(logits))], self.logit_terms(logits, batch.labels)
+    def loss_terms(self, batch: Batch, outputs: Outputs, teacher: Features | None, info: StepInfo) -> dict[str, Tensor]:
+        """The logit part of step 1: every network's ``<net>/ce`` and ``<net>/kl`` terms."""
+        return self.logit_terms({name: out.logits for name, out in outputs.items()}, batch.labels)
 
     def term_weight(self, name: str, info: StepInfo) -> float:
         """``<net>/ce`` and ``<net>/kl`` take the recipe's ``ce`` and ``kl`` weights."""
         return super().term_weight(name.rsplit("/", 1)[-1], info)
 
-    def logit_step(self, batch: Batch, info: StepInfo) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """Step 1: one SGD step on Σ_k L_logit^k over every network; returns logits, terms and that total."""
-        with info.autocast(batch.images.device):
-            logits, terms = self.loss_terms(batch, info)
-        total = self.weighted_total(terms, info)
-        self._update("logit", total)
-        return logits, terms, total
-
-    def feature_step(self, images: Tensor, info: StepInfo) -> tuple[dict[str, Tensor], Tensor]:
-        """Steps 2-3: a fresh forward of every G_k and T_k, then the generator and discriminator steps.
-
-        Returns the logs and w_feature · Σ_k (the networks' feature-map loss).
-        """
-        maps = self.feature_maps(images, info)
+    def feature_step(self, batch: Batch, step: Step) -> tuple[dict[str, Tensor], Tensor]:
+        """Steps 2-3 on a fresh forward of every G_k and T_k; returns the logs and w_feature · Σ_k L_G^k."""
+        weight = self.weights["feature"]
         if self.feature_mode != "adversarial":
-            terms = self.alignment_terms(maps)
-            total = self.weights["feature"] * sum(terms.values())
-            self._update("generator", total)
+            terms = step.forward(MAPS, self.alignment_pass, batch)
+            total = weight * sum(terms.values())
+            step.update(total, "generator")
             return terms, total
         if self.params.update_order == "discriminator_first":
-            d_logs = self.discriminator_step(maps, info)
-            g_logs, total = self.generator_step(maps, info)
+            d_terms = step.forward(MAPS, self.discriminator_pass, batch)
+            step.update(discriminator_total(d_terms), "discriminator")
+            g_terms = step.forward(MAPS, self.generator_pass, batch)
+            total = weight * sum(g_terms.values())
+            step.update(total, "generator")
         else:
-            g_logs, total = self.generator_step(maps, info)
-            d_logs = self.discriminator_step(maps, info)
-        return {**g_logs, **d_logs}, total
+            g_terms, d_terms = step.forward(MAPS, self.adversarial_pass, batch)
+            total = weight * sum(g_terms.values())
+            step.update(total + discriminator_total(d_terms), "generator", "discriminator")
+        return {**g_terms, **d_terms}, total
 
-    def feature_maps(self, images: Tensor, info: StepInfo) -> dict[str, Tensor]:
+    # -- the passes (each runs inside step.forward) -------------------------------------------------
+    def logit_pass(self, batch: Batch, outputs: Outputs, info: StepInfo) -> tuple[Tensor, dict[str, Tensor]]:
+        return main_output(outputs).logits, self.loss_terms(batch, outputs, None, info)
+
+    def transferred_maps(self, outputs: Outputs) -> dict[str, Tensor]:
         """f_k = T_k(G_k(x)) for every network: the last feature map, before pooling, transferred."""
-        with info.autocast(images.device):
-            return {name: self.transfers[name](unwrap(net).forward_features(images))
-                    for name, net in self.networks.items()}
+        return {name: self.transfers[name](out.feature_map) for name, out in outputs.items()}
 
-    def generator_step(self, maps: dict[str, Tensor], info: StepInfo) -> tuple[dict[str, Tensor], Tensor]:
-        """One Adam step on w_feature · Σ_k L_G^k over the G_k and T_k, with every D frozen."""
+    def alignment_pass(self, batch: Batch, outputs: Outputs) -> dict[str, Tensor]:
+        return self.alignment_terms(self.transferred_maps(outputs))
+
+    def generator_pass(self, batch: Batch, outputs: Outputs) -> dict[str, Tensor]:
+        return self.frozen_generator_terms(self.transferred_maps(outputs))
+
+    def discriminator_pass(self, batch: Batch, outputs: Outputs) -> dict[str, Tensor]:
+        return self.discriminator_terms(self.transferred_maps(outputs))
+
+    def adversarial_pass(self, batch: Batch, outputs: Outputs) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """L_G^k (discriminators frozen) and L_D^k (maps detached) from one forward of the maps."""
+        maps = self.transferred_maps(outputs)
+        return self.frozen_generator_terms(maps), self.discriminator_terms(maps)
+
+    def frozen_generator_terms(self, maps: dict[str, Tensor]) -> dict[str, Tensor]:
+        """:meth:`generator_terms` with every D frozen: no gradient of L_G reaches the discriminators."""
         self.discriminators.requires_grad_(False)
-        with info.autocast(next(iter(maps.values())).device):
-            terms = self.generator_terms(maps)
-        self.discriminators.requires_grad_(True)
-        total = self.weights["feature"] * sum(terms.values())
-        self._update("generator", total)
-        return terms, total
+        try:
+            return self.generator_terms(maps)
+        finally:
+            self.discriminators.requires_grad_(True)
 
-    def discriminator_step(self, maps: dict[str, Tensor], info: StepInfo) -> dict[str, Tensor]:
-        """One Adam step on Σ_k L_D^k over the D_k (maps detached: the networks do not move)."""
-        with info.autocast(next(iter(maps.values())).device):
-            terms = self.discriminator_terms(maps)
-        self._update("discriminator", sum(v for k, v in terms.items() if k.endswith("/loss")))
-        return terms
+
+def discriminator_total(terms: dict[str, Tensor]) -> Tensor:
+    """Σ_k L_D^k (the ``d<k>/loss`` entries; ``d<k>/real`` and ``/fake`` are logs)."""
+    return sum(value for key, value in terms.items() if key.endswith("/loss"))

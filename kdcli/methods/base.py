@@ -1,39 +1,48 @@
-"""The method contract shared by every distillation method.
+"""The method contract: a method turns network outputs into named loss terms; the engine does the rest.
 
 A method is an ``nn.Module`` that owns
 
 * ``networks``: the networks being trained (``{"student": ...}``; online methods such as AFD train
   several: ``{"net1": ..., "net2": ...}``). The first one is the method's main output;
 * its extra trainable modules (projectors, discriminators) and buffers (KDAV's queue) as ordinary
-  submodules, so ``state_dict()`` captures everything needed to resume exactly;
-* a frozen ``teacher`` (eval mode, no grad) that is *not* part of its state.
+  submodules, so ``state_dict()`` captures everything needed to resume exactly and the engine's DDP
+  wrapper averages their gradients too.
 
-Most methods only implement :meth:`Method.loss_terms`, returning named, unweighted loss terms; the
-total is ``sum_i weight_i(epoch) * term_i`` with the weights from the recipe merged over
-:attr:`Method.default_weights`. Methods with their own update order (several optimisers, several
-forward passes) override :meth:`Method.train_step` and :meth:`Method.build_optimizers`.
+It declares what it reads (``taps`` of its networks, ``teacher_taps`` of the frozen teacher, ``None`` for
+no teacher), and receives its typed ``params``, the weights of its terms and a small
+:class:`MethodContext` (class count, image size, device, world size, the shapes of the tapped outputs),
+never the recipe. The engine runs the teacher, the networks (through DDP) and the optimisers, and hands a
+:class:`Step` to :meth:`Method.train_step`. Most methods only implement :meth:`Method.loss_terms`; the
+total is ``sum_i weight_i(epoch) * term_i``. Methods with their own update order (AFD: several passes and
+optimisers) override :meth:`Method.train_step` and :meth:`Method.param_groups`, using the same seams.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from kdcli.engine.distributed import average_gradients
-from kdcli.recipes import OptimConfig, Recipe, ScheduleConfig
+from kdcli.augment import MixedBatch
+from kdcli.errors import UserError
+from kdcli.models import Features, FeatureShapes, Taps
+from kdcli.recipes import OptimConfig, ScheduleConfig, build_dataclass
+
+Outputs = dict[str, Features]  # network name -> what its pass produced
 
 
 @dataclass
 class Batch:
+    """One training batch; ``mix`` is set by a method's :meth:`Method.view` when it mixes the images."""
+
     images: Tensor
     labels: Tensor
     indices: Tensor
+    mix: MixedBatch | None = None
 
 
 @dataclass
@@ -44,12 +53,6 @@ class StepInfo:
     epochs: int
     step: int  # global optimiser step, 0-based
     generator: torch.Generator  # CPU generator for the method's own randomness, seeded per epoch
-    precision: str = "fp32"
-
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if self.precision == "bf16":
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
 
 @dataclass
@@ -63,96 +66,90 @@ class MethodParams:
     """Base class of each method's typed hyper-parameters (``method.params`` in a recipe)."""
 
 
-def build_optimizer(params: Iterator[nn.Parameter] | list, cfg: OptimConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may know of its run besides its params (it never sees the recipe)."""
+
+    num_classes: int
+    image_size: int
+    device: torch.device
+    world_size: int
+    shapes: dict[str, FeatureShapes]  # per network name, and "teacher": shapes of the tapped outputs
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
-                    epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """A per-epoch schedule: linear warm-up (optional), then multi-step, cosine or constant."""
-    warmup = cfg.warmup_epochs
+@dataclass
+class ParamGroup:
+    """Parameters stepped by one optimiser; ``None`` settings mean the recipe's ``optim`` / ``schedule``."""
 
-    def factor(epoch: int) -> float:
-        if epoch < warmup:
-            return (epoch + 1) / warmup
-        if cfg.name == "multistep":
-            return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-        if cfg.name == "cosine":
-            import math
+    name: str
+    params: list[nn.Parameter]
+    optim: OptimConfig | None = None
+    schedule: ScheduleConfig | None = None
 
-            span = max(epochs - warmup, 1)
-            return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / span))
-        return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+class Step(Protocol):
+    """The engine's seams for one training step (implemented by :class:`kdcli.engine.step.Engine`)."""
+
+    def teacher(self, batch: Batch) -> Features:
+        """The frozen teacher's ``teacher_taps`` outputs on ``batch.images`` (inference mode, run precision)."""
+
+    def forward(self, taps: Taps, fn: Callable[..., Any], batch: Batch, *args: Any) -> Any:
+        """One differentiable pass through the DDP-wrapped method: every network's ``taps`` outputs on
+        ``batch.images``, then ``fn(batch, outputs, *args)``, whose result is returned."""
+
+    def update(self, loss: Tensor, *groups: str) -> None:
+        """Zero the gradients of the optimisers ``groups``, back-propagate ``loss``, step them."""
 
 
 class Method(nn.Module, abc.ABC):
-    """Base class: one optimiser over all trainable parameters, total = weighted sum of named terms."""
+    """Base class: one pass, one optimiser over all trainable parameters, total = weighted sum of named terms."""
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     Params: ClassVar[type[MethodParams]] = MethodParams
     default_weights: ClassVar[dict[str, float]] = {}
     optional_terms: ClassVar[tuple[str, ...]] = ()  # further terms a recipe may switch on with a weight
-    needs_teacher: ClassVar[bool] = True
-    # True when loss_terms runs a network outside its DDP wrapper (e.g. ``model_features(unwrap(net), x)``):
-    # train_step then averages the gradients over ranks itself.
-    bypasses_ddp: ClassVar[bool] = False
+    taps: ClassVar[Taps] = Taps()  # what the method reads from each of its networks
+    teacher_taps: ClassVar[Taps | None] = Taps()  # what it reads from the teacher; None: it needs none
+    # False when some pass leaves parameters without a gradient (AFD's logit and feature passes): DDP then
+    # has to look for them after each forward.
+    every_pass_uses_all_parameters: ClassVar[bool] = True
 
-    def __init__(self, networks: dict[str, nn.Module], teacher: nn.Module | None, recipe: Recipe,
-                 params: MethodParams, num_classes: int) -> None:
+    def __init__(self, networks: dict[str, nn.Module], params: MethodParams, weights: dict[str, float],
+                 ctx: MethodContext) -> None:
         super().__init__()
         self.networks = nn.ModuleDict(networks)
-        self._teacher = (teacher,)  # a tuple keeps the frozen teacher out of state_dict() and parameters()
-        self.recipe = recipe
         self.params = params
-        self.num_classes = num_classes
-        self.weights = {**self.default_weights, **recipe.method.weights}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
-
-    # -- construction -----------------------------------------------------------------------------
-    @classmethod
-    def create(cls, networks: dict[str, nn.Module], teacher: nn.Module | None, recipe: Recipe,
-               num_classes: int) -> "Method":
-        return cls(networks, teacher, recipe, parse_params(cls, recipe.method.params), num_classes)
+        self.ctx = ctx
+        self.weights = {**self.default_weights, **weights}
 
     @classmethod
-    def networks_for(cls, recipe: Recipe) -> dict[str, str]:
+    def networks_for(cls, params: MethodParams, student_arch: str | None) -> dict[str, str]:
         """The networks this method trains, name -> arch (one student by default)."""
-        if recipe.student is None:
-            from kdcli.errors import UserError
-
-            raise UserError(f"recipe '{recipe.name}' has no 'student' section; add student.arch")
-        return {"student": recipe.student.arch}
-
-    @property
-    def teacher(self) -> nn.Module | None:
-        return self._teacher[0]
+        if student_arch is None:
+            raise UserError(f"method '{cls.name}' trains a student; add student.arch to the recipe")
+        return {"student": student_arch}
 
     @property
     def main(self) -> nn.Module:
         return next(iter(self.networks.values()))
 
-    def build_optimizers(self, epochs: int) -> None:
-        """Create ``self.optimizers`` / ``self.schedulers`` (one SGD/AdamW over everything trainable)."""
-        optimizer = build_optimizer(self.parameters(), self.recipe.optim)
-        self.optimizers = {"main": optimizer}
-        self.schedulers = {"main": build_scheduler(optimizer, self.recipe.schedule, epochs)}
+    def param_groups(self) -> list[ParamGroup]:
+        """The optimisers to build: by default one (``main``) over every trainable parameter."""
+        return [ParamGroup("main", [p for p in self.parameters() if p.requires_grad])]
 
     # -- training ---------------------------------------------------------------------------------
-    @abc.abstractmethod
-    def loss_terms(self, batch: Batch, info: StepInfo) -> tuple[Tensor, dict[str, Tensor]]:
-        """Return the main network's logits and the unweighted loss terms by name.
+    def view(self, batch: Batch, info: StepInfo) -> Batch:
+        """The input that networks and teacher see this step (mixing methods return the mixed batch)."""
+        return batch
 
-        Every method defines it; :meth:`train_step` minimises their weighted sum with one optimiser, and
-        methods with further optimisers (AFD) call it for their first update and add their own.
-        """
+    def uses_teacher(self, info: StepInfo) -> bool:
+        """Whether this step needs the teacher (logit methods skip it when only CE has a weight)."""
+        return self.teacher_taps is not None
+
+    @abc.abstractmethod
+    def loss_terms(self, batch: Batch, outputs: Outputs, teacher: Features | None, info: StepInfo) -> dict[str, Tensor]:
+        """The unweighted loss terms by name, from the networks' ``outputs`` and the ``teacher``'s."""
 
     def term_weight(self, name: str, info: StepInfo) -> float:
         """Weight of a term at this step; override for schedules such as DKD's warm-up."""
@@ -160,48 +157,44 @@ class Method(nn.Module, abc.ABC):
 
     def weighted_total(self, terms: dict[str, Tensor], info: StepInfo) -> Tensor:
         total = sum(self.term_weight(name, info) * value for name, value in terms.items())
-        return total if isinstance(total, Tensor) else torch.zeros((), device=self.device)
+        return total if isinstance(total, Tensor) else torch.zeros((), device=self.ctx.device)
 
-    def train_step(self, batch: Batch, info: StepInfo) -> StepOutput:
-        with info.autocast(batch.images.device):
-            logits, terms = self.loss_terms(batch, info)
+    def train_step(self, batch: Batch, step: Step, info: StepInfo) -> StepOutput:
+        """View, teacher, one pass, one update of ``main`` on the weighted total."""
+        logits, terms = self.step_terms(batch, step, info)
         total = self.weighted_total(terms, info)
-        optimizer = self.optimizers["main"]
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if self.bypasses_ddp:
-            average_gradients(optimizer)
-        optimizer.step()
-        logs = {name: value.detach().float() for name, value in terms.items()}
-        logs["loss"] = total.detach().float()
-        return StepOutput(logits.detach(), logs)
+        step.update(total, "main")
+        return step_output(logits, terms, total)
 
-    @torch.no_grad()
-    def teacher_logits(self, images: Tensor) -> Tensor:
-        assert self.teacher is not None, f"method {self.name} needs a teacher"
-        return self.teacher(images)
+    def step_terms(self, batch: Batch, step: Step, info: StepInfo) -> tuple[Tensor, dict[str, Tensor]]:
+        """The main network's logits and the loss terms of one step, without an update."""
+        batch = self.view(batch, info)
+        teacher = step.teacher(batch) if self.uses_teacher(info) else None
+        return step.forward(self.taps, self._pass, batch, teacher, info)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.networks.parameters()).device
+    def _pass(self, batch: Batch, outputs: Outputs, teacher: Features | None,
+              info: StepInfo) -> tuple[Tensor, dict[str, Tensor]]:
+        return main_output(outputs).logits, self.loss_terms(batch, outputs, teacher, info)
 
-    def train(self, mode: bool = True) -> "Method":
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # the teacher stays frozen in eval mode
-        return self
+
+def main_output(outputs: Outputs) -> Features:
+    """The outputs of the first network (the student; ``teacher`` when a teacher is trained with ``ce``)."""
+    return next(iter(outputs.values()))
+
+
+def step_output(logits: Tensor, terms: dict[str, Tensor], total: Tensor) -> StepOutput:
+    """Detached float logs of every term plus ``loss``, the total."""
+    logs = {name: value.detach().float() for name, value in terms.items()}
+    logs["loss"] = total.detach().float()
+    return StepOutput(logits.detach(), logs)
 
 
 def parse_params(cls: type[Method], raw: dict[str, Any], source: str = "recipe") -> MethodParams:
     """Validate ``method.params`` against the method's typed Params dataclass."""
-    from kdcli.recipes import _build
-
-    return _build(cls.Params, raw, "method.params.", source)
+    return build_dataclass(cls.Params, raw, "method.params.", source)
 
 
 def check_weights(cls: type[Method], weights: dict[str, float], source: str) -> None:
-    from kdcli.errors import UserError
-
     allowed = set(cls.default_weights) | set(cls.optional_terms)
     unknown = sorted(set(weights) - allowed)
     if unknown:

@@ -1,8 +1,8 @@
 """Isotonic data augmentation for KD (Cui & Yan, IJCAI 2021; spec ``ida.md``): kd-aug, ida (KD-i), ida-p (KD-p).
 
-Every step mixes the batch (mixup or CutMix, drawn from the trainer's per-epoch CPU generator, so a
-resumed run replays the same mixes), runs teacher and student on the mixed images ``x~`` only, and
-combines named terms (spec section 5):
+Every step mixes the batch in :meth:`MixedKD.view` (mixup or CutMix, drawn from the trainer's per-epoch CPU
+generator, so a resumed run replays the same mixes); the engine runs teacher and student on the mixed images
+``x~`` only, and the method combines named terms (spec section 5):
 
     ce      = L_CE^mix = mean_n [lam_n CE(z_S, y_i) + (1 - lam_n) CE(z_S, y_j)]
     kd      = tau^2 * mean_n KL(softmax(z_T / tau) || softmax(z_S / tau))
@@ -34,6 +34,7 @@ with the un-permuted sample's label ``y_i``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -46,22 +47,9 @@ from kdcli.augment import MixedBatch, mix
 from kdcli.errors import UserError
 from kdcli.isotonic import order_penalty, project
 from kdcli.methods import register
-from kdcli.methods.base import Batch, MethodParams, StepInfo
+from kdcli.methods.base import Batch, MethodParams, Outputs, StepInfo, main_output
 from kdcli.methods.logit import LogitMethod
-
-
-def soft_target_kd(student_logits: Tensor, target: Tensor, tau: float) -> Tensor:
-    """KD towards a given distribution: ``tau^2 * mean_n KL(target || softmax(z_S / tau))``.
-
-    ``KL(p || q) = sum_k [p_k log p_k - p_k log q_k]`` with ``0 log 0 = 0`` (``torch.xlogy``), so targets with
-    exact zeros are fine; ``log q`` comes from ``log_softmax``. Half-precision inputs are computed in
-    float32, float64 stays float64. ``target`` is a constant (no gradient flows into it).
-    """
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    target = target.detach().to(dtype)
-    log_student = F.log_softmax(student_logits.to(dtype) / tau, dim=1)
-    per_sample = (torch.xlogy(target, target) - target * log_student).sum(dim=1)
-    return tau**2 * per_sample.mean()
+from kdcli.models import Features
 
 
 def isotonic_target(teacher_logits: Tensor, primary: Tensor, secondary: Tensor, tau: float,
@@ -117,16 +105,19 @@ class IsotonicParams(MixParams):
 
 
 class MixedKD(LogitMethod):
-    """Shared step of kd-aug / ida / ida-p: mix, one teacher and one student forward, the active terms."""
+    """Shared step of kd-aug / ida / ida-p: mix in ``view``, then the active terms on the mixed batch."""
 
-    def loss_terms(self, batch: Batch, info: StepInfo) -> tuple[Tensor, dict[str, Tensor]]:
+    def view(self, batch: Batch, info: StepInfo) -> Batch:
+        """The mixed batch: teacher and student both see ``x~``; ``batch.mix`` keeps the label provenance."""
         params = self.params
         mixed = mix(params.mix, batch.images, batch.labels, params.mix_alpha, info.generator, params.per_sample)
-        logits = self.main(mixed.images)
-        teacher = self.teacher_logits(mixed.images)
+        return dataclasses.replace(batch, images=mixed.images, mix=mixed)
+
+    def loss_terms(self, batch: Batch, outputs: Outputs, teacher: Features | None, info: StepInfo) -> dict[str, Tensor]:
+        logits, mixed = main_output(outputs).logits, batch.mix
         names = self.active_terms(info)
-        corrected, target = self.order_correction(teacher, mixed, names, info)
-        return logits, {name: self.term(name, logits, teacher, mixed, corrected, target) for name in names}
+        corrected, target = self.order_correction(teacher.logits, mixed, names, info)
+        return {name: self.term(name, logits, teacher.logits, mixed, corrected, target) for name in names}
 
     def order_correction(self, teacher: Tensor, mixed: MixedBatch, names: list[str],
                          info: StepInfo) -> tuple[bool, Tensor | None]:
@@ -174,13 +165,13 @@ class IsotonicKD(MixedKD):
     def term(self, name: str, logits: Tensor, teacher: Tensor, mixed: MixedBatch, corrected: bool,
              target: Tensor | None) -> Tensor:
         if name == "kd" and self.params.mode == "replace" and target is not None:
-            return soft_target_kd(logits, target, self.params.tau)
+            return losses.soft_target_kd(logits, target, self.params.tau)
         if name not in ("ida", "penalty"):
             return super().term(name, logits, teacher, mixed, corrected, target)
         if not corrected:
             return torch.zeros((), device=logits.device)
         if name == "ida":
-            return soft_target_kd(logits, target, self.params.tau)
+            return losses.soft_target_kd(logits, target, self.params.tau)
         # KD-p on the student's distribution at temperature 1 (spec section 4.1, decision 7)
         return order_penalty(F.softmax(logits.float(), dim=1), mixed.primary, mixed.secondary)
 

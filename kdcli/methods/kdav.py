@@ -27,12 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcli import losses
-from kdcli.engine.distributed import unwrap
 from kdcli.errors import UserError
 from kdcli.methods import register
-from kdcli.methods.base import Batch, Method, MethodParams, StepInfo
-from kdcli.models import feature_dims, model_features
-from kdcli.recipes import Recipe
+from kdcli.methods.base import Batch, Method, MethodContext, MethodParams, Outputs, StepInfo
+from kdcli.models import Features, Taps
 
 LABEL_FLOOR = 1e-12
 """π_m(y) is floored at this value (the spec's clamp): a class that no member carries keeps a finite
@@ -100,7 +98,7 @@ def av_loss(scores: Tensor, log_pi: Tensor, teacher_logits: Tensor, tau: float) 
     log_pred = av_log_predictive(scores, log_pi)
     with torch.autocast(scores.device.type, enabled=False):
         log_target = F.log_softmax(_full_precision(teacher_logits.detach()).to(log_pred.dtype) / tau, dim=1)
-        return (log_target.exp() * (log_target - log_pred)).sum(dim=1).mean()
+        return losses.kl_div(log_pred, log_target).mean()
 
 
 def membership_kl(teacher_scores: Tensor, student_scores: Tensor) -> Tensor:
@@ -111,7 +109,7 @@ def membership_kl(teacher_scores: Tensor, student_scores: Tensor) -> Tensor:
     with torch.autocast(student_scores.device.type, enabled=False):
         log_q = F.log_softmax(_full_precision(student_scores), dim=1)
         log_p = F.log_softmax(_full_precision(teacher_scores.detach()).to(log_q.dtype), dim=1)
-        return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+        return losses.kl_div(log_q, log_p).mean()
 
 
 # -- the memory of teacher instances --------------------------------------------------------------
@@ -207,25 +205,22 @@ class KDAV(Method):
     Params = KDAVParams
     default_weights = {"ce": 1.0, "av": 1.0}
     optional_terms = ("kd", "rel")
-    bypasses_ddp = True  # the student runs through model_features(unwrap(...)), the projector is not wrapped
+    taps = Taps(logits=True, pre_logits=True)
+    teacher_taps = Taps(logits=True, pre_logits=True)
     params: KDAVParams
 
-    def __init__(self, networks: dict[str, nn.Module], teacher: nn.Module | None, recipe: Recipe,
-                 params: KDAVParams, num_classes: int) -> None:
-        super().__init__(networks, teacher, recipe, params, num_classes)
-        assert teacher is not None, "kdav needs a teacher"
-        student_dim, _ = feature_dims(unwrap(self.main), recipe.data.image_size)
-        teacher_dim, _ = feature_dims(teacher, recipe.data.image_size)
+    def __init__(self, networks: dict[str, nn.Module], params: KDAVParams, weights: dict[str, float],
+                 ctx: MethodContext) -> None:
+        super().__init__(networks, params, weights, ctx)
+        (student_dim,), (teacher_dim,) = ctx.shapes["student"].pre_logits, ctx.shapes["teacher"].pre_logits
         self.projector = build_projector(params.projector, student_dim, teacher_dim)
-        self.queue = InstanceQueue(params.queue_size, teacher_dim, num_classes)
+        self.queue = InstanceQueue(params.queue_size, teacher_dim, ctx.num_classes)
 
-    def loss_terms(self, batch: Batch, info: StepInfo) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss_terms(self, batch: Batch, outputs: Outputs, teacher: Features | None, info: StepInfo) -> dict[str, Tensor]:
         p = self.params
-        with torch.no_grad():
-            teacher = model_features(self.teacher, batch.images)
-            anchors = F.normalize(teacher.pre_logits.float(), dim=1)
-            teacher_logits = teacher.logits.float()
-        student = model_features(unwrap(self.main), batch.images)
+        anchors = F.normalize(teacher.pre_logits.float(), dim=1)
+        teacher_logits = teacher.logits.float()
+        student = outputs["student"]
         embedding = F.normalize(self.projector(student.pre_logits).float(), dim=1)
         members = self._members(anchors, teacher_logits, batch.labels)
         scores = membership_scores(embedding, members.embeddings, p.kappa)
@@ -239,7 +234,7 @@ class KDAV(Method):
             terms["rel"] = membership_kl(membership_scores(anchors, members.embeddings, p.kappa_t), scores)
         # enqueue after the loss (MoCo order): ``members`` is a copy, so autograd's saved tensors stay intact
         self.queue.enqueue(_all_gather(anchors), _all_gather(teacher_logits), _all_gather(batch.labels))
-        return student.logits, terms
+        return terms
 
     def _members(self, anchors: Tensor, teacher_logits: Tensor, labels: Tensor) -> Members:
         """The batch's own teacher entries (unless switched off) followed by the filled queue rows."""

@@ -11,8 +11,9 @@ fixed field names (``TERMS[name].params``): ``temperature`` for kd (and dkd), ``
 wttm, ``alpha``/``beta``/``temperature`` for dkd, ``beta``/``gamma``/``tau`` for dist. So a WTTM recipe
 with ``method.weights.kd: 0.5`` adds ``0.5 * kd`` computed at ``method.params.temperature``.
 
-Only the terms with a non-zero weight are computed, and the teacher runs only when one of them needs
-it. Each computed term is logged unweighted in ``history.csv`` under its own name.
+Only the terms with a non-zero weight are computed; the engine runs the teacher (its logits) unless the
+method declares no teacher (``ce``). Each computed term is logged unweighted in ``history.csv`` under its
+own name.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from torch import Tensor
 from kdcli import losses
 from kdcli.errors import UserError
 from kdcli.methods import register
-from kdcli.methods.base import Batch, Method, MethodParams, StepInfo
+from kdcli.methods.base import Batch, Method, MethodParams, Outputs, StepInfo, main_output
+from kdcli.models import Features
 
 TermFn = Callable[[Tensor, Tensor | None, Tensor, MethodParams], Tensor]
 
@@ -37,14 +39,13 @@ class Term:
 
     compute: TermFn
     params: tuple[str, ...]  # the Params fields it reads
-    needs_teacher: bool = True
 
 
 # The calls go through the ``losses`` module at run time (not bound here), so each term always uses
 # the current kdcli.losses function.
 TERMS: dict[str, Term] = {
     # CE = mean_b -log σ(s)_y
-    "ce": Term(lambda s, t, y, p: F.cross_entropy(s, y), (), needs_teacher=False),
+    "ce": Term(lambda s, t, y, p: F.cross_entropy(s, y), ()),
     # KD = T² · mean_b KL(σ(t/T) ‖ σ(s/T))
     "kd": Term(lambda s, t, y, p: losses.kd(s, t, p.temperature), ("temperature",)),
     # TTM = mean_b KL(p̂ ‖ σ(s)),  p̂ = σ(t)^γ / Σ_j σ(t)_j^γ
@@ -67,18 +68,20 @@ def _require_positive(params: MethodParams, *names: str) -> None:
 
 
 class LogitMethod(Method):
-    """Shared implementation: one student forward, one teacher forward if needed, the weighted terms."""
-
+    """Shared implementation: the student's and the teacher's logits, the weighted terms of :data:`TERMS`."""
 
     def active_terms(self, info: StepInfo) -> list[str]:
         """The terms with a non-zero weight at this step, in the order of ``self.weights``."""
         return [name for name in self.weights if self.term_weight(name, info) != 0.0]
 
-    def loss_terms(self, batch: Batch, info: StepInfo) -> tuple[Tensor, dict[str, Tensor]]:
-        names = self.active_terms(info)
-        logits = self.main(batch.images)
-        teacher = self.teacher_logits(batch.images) if any(TERMS[n].needs_teacher for n in names) else None
-        return logits, {name: TERMS[name].compute(logits, teacher, batch.labels, self.params) for name in names}
+    def uses_teacher(self, info: StepInfo) -> bool:
+        return self.teacher_taps is not None and any(name != "ce" for name in self.active_terms(info))
+
+    def loss_terms(self, batch: Batch, outputs: Outputs, teacher: Features | None, info: StepInfo) -> dict[str, Tensor]:
+        logits = main_output(outputs).logits
+        teacher_logits = teacher.logits if teacher is not None else None
+        return {name: TERMS[name].compute(logits, teacher_logits, batch.labels, self.params)
+                for name in self.active_terms(info)}
 
 
 @register
@@ -88,7 +91,7 @@ class CrossEntropy(LogitMethod):
     name = "ce"
     summary = "cross-entropy on the labels only (teacher training, student-alone baseline)"
     default_weights = {"ce": 1.0}
-    needs_teacher = False
+    teacher_taps = None
 
 
 @dataclass

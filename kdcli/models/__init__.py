@@ -2,40 +2,25 @@
 
 * ``ZOO``: the 22 benchmark names (RepDistiller / mdistiller / TTM), in the benchmark's order.
 * ``create_model(name, num_classes)``: a zoo model or any timm model, randomly initialised.
-* ``model_features(model, x)``: logits, penultimate feature and last feature map from one backbone pass.
-* ``feature_dims(model)``: (penultimate dim, feature-map channels).
+* ``Taps`` / ``forward_taps(model, x, taps)``: logits, penultimate feature, last map and stage maps from one
+  pass; ``feature_shapes(model, image_size, taps)``: their shapes (see :mod:`kdcli.models.taps`).
 * ``describe_models()``: the rows of ``kdcli list models``.
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Any, NamedTuple
+from typing import Any
 
 import timm
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from kdcli.errors import UserError
-from kdcli.models.base import ZooNet
 from kdcli.models.cifar_zoo import ZOO_SPECS, build_zoo_model
+from kdcli.models.taps import Features, FeatureShapes, Taps, feature_shapes, forward_taps
 
 ZOO: tuple[str, ...] = tuple(ZOO_SPECS)
-
-
-class Features(NamedTuple):
-    """What a distillation loss may read from a network for one batch.
-
-    logits: (B, num_classes).
-    pre_logits: (B, D), the pooled penultimate feature (RepDistiller's ``feat[-1]``).
-    feature_map: the output of ``forward_features``: (B, C, H, W) for the zoo and timm CNNs; timm models
-        keep their own layout, e.g. ViT-like models return tokens (B, N, D) and a few (Swin, MambaOut, ...)
-        return (B, H, W, C), flagged by their ``output_fmt == 'NHWC'`` attribute.
-    """
-
-    logits: Tensor
-    pre_logits: Tensor
-    feature_map: Tensor
 
 
 def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
@@ -57,41 +42,6 @@ def _unknown_model_message(name: str) -> str:
     return f"unknown model '{name}'; {hint}see `kdcli list models` for the CIFAR zoo (any timm model name also works)"
 
 
-def model_features(model: nn.Module, x: Tensor) -> Features:
-    """Logits, pre-logits and feature map with one pass of the backbone (timm's forward split).
-
-    feature_map = forward_features(x); pre_logits = forward_head(feature_map, pre_logits=True);
-    logits = forward_head(feature_map). Only the head (pooling + classifier) runs twice, which for a timm
-    model with head dropout in training mode means two independent dropout masks.
-    """
-    feature_map = model.forward_features(x)
-    pre_logits = model.forward_head(feature_map, pre_logits=True)
-    logits = model.forward_head(feature_map)
-    return Features(logits=logits, pre_logits=pre_logits, feature_map=feature_map)
-
-
-def feature_dims(model: nn.Module, image_size: int = 32) -> tuple[int, int]:
-    """(pre-logits dim D, feature-map channels C) of ``model``.
-
-    Zoo models report their attributes; other models run one dummy (1, 3, image_size, image_size)
-    forward in eval mode without gradients (the training flag is restored). The channel axis of a
-    feature map is dim 1 for NCHW maps and the last dim for tokens (B, N, D) and NHWC maps.
-    """
-    if isinstance(model, ZooNet):
-        return model.num_features, model.feature_channels
-    like = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            dummy = torch.zeros(1, 3, image_size, image_size, device=like.device, dtype=like.dtype)
-            feats = model_features(model, dummy)
-    finally:
-        model.train(was_training)
-    channels_last_axis = feats.feature_map.ndim != 4 or getattr(model, "output_fmt", "NCHW") == "NHWC"
-    return feats.pre_logits.shape[-1], feats.feature_map.shape[-1 if channels_last_axis else 1]
-
-
 def describe_models() -> list[dict[str, Any]]:
     """One row per zoo model: name, params (for 100 classes), feature_dim (penultimate) and family.
 
@@ -106,4 +56,5 @@ def describe_models() -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["ZOO", "Features", "create_model", "describe_models", "feature_dims", "model_features"]
+__all__ = ["ZOO", "FeatureShapes", "Features", "Taps", "create_model", "describe_models", "feature_shapes",
+           "forward_taps"]

@@ -2,8 +2,14 @@
 
 Each zoo network splits its forward pass the way timm models do:
 
-* ``forward_features(x)`` returns the last feature map, (B, C, H, W): exactly the tensor the original
-  RepDistiller network feeds to its global average pool, with the activation it applies before pooling;
+* a stem, then ``len(feature_info)`` stages; ``feature_info[i]`` gives stage i's output channels
+  (``num_chs``), its stride relative to the input (``reduction``) and its module (``module``);
+* ``forward_features(x)`` runs the stem and every stage and returns the last stage's map, (B, C, H, W):
+  exactly the tensor the original RepDistiller network feeds to its global average pool, with the
+  activation it applies before pooling. The last stage therefore includes whatever runs between the
+  last block group and the pool (WRN's final BN-ReLU, the 1x1 head convs of MobileNetV2/ShuffleV2);
+* ``forward_intermediates(x, indices)`` returns the maps of the stages ``indices`` from the same pass
+  (timm's signature and semantics); the last stage's map equals ``forward_features(x)``;
 * ``forward_head(x, pre_logits)`` global-average-pools and flattens it, giving the penultimate feature
   (B, D) (RepDistiller's ``feat[-1]``), and applies the final Linear unless ``pre_logits``;
 * ``forward(x) = forward_head(forward_features(x))``.
@@ -14,15 +20,24 @@ The head is always pooling + one Linear, so ``feature_channels == num_features``
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch.nn.functional as F
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
+from kdcli.data.registry import DATASETS
 from kdcli.errors import UserError
 
-CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
-CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a zoo network: the modules it runs in order, its output channels and stride."""
+
+    modules: tuple[str, ...]
+    channels: int
+    reduction: int
 
 
 def linear_or_identity(in_features: int, num_classes: int) -> nn.Module:
@@ -38,6 +53,7 @@ class ZooNet(nn.Module):
     """
 
     first_conv: str = "conv1"
+    stages: tuple[Stage, ...] = ()  # set per instance by init_stages
     classifier_path: str = "fc"
     # Pool as the original does, so published weights reproduce its outputs bit for bit: most originals
     # average with a kernel the size of the map, VGG and ResNet50 with an adaptive (1, 1) pool.
@@ -50,8 +66,8 @@ class ZooNet(nn.Module):
             "input_size": (3, 32, 32),
             "interpolation": "bilinear",
             "crop_pct": 1.0,
-            "mean": CIFAR100_MEAN,
-            "std": CIFAR100_STD,
+            "mean": DATASETS["cifar100"].mean,
+            "std": DATASETS["cifar100"].std,
             "first_conv": cls.first_conv,
             "classifier": cls.classifier_path,
         }
@@ -63,6 +79,63 @@ class ZooNet(nn.Module):
         self.feature_channels = num_features  # forward_features returns the map that gets pooled
         self.pretrained_cfg = {**self.data_cfg(), "num_classes": num_classes}
         self.default_cfg = self.pretrained_cfg  # timm keeps both names for the same dict
+
+    def init_stages(self, stages: list[Stage]) -> None:
+        """Declare the stages after the stem (timm's ``feature_info``: one dict per stage)."""
+        self.stages = tuple(stages)
+        self.feature_info = [{"num_chs": s.channels, "reduction": s.reduction, "module": s.modules[0]}
+                             for s in stages]
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """Everything before the first stage; subclasses with a stem override it."""
+        return x
+
+    def forward_stage(self, index: int, x: Tensor) -> Tensor:
+        """Stage ``index``: its modules in order; subclasses override it for functional ops in between."""
+        for name in self.stages[index].modules:
+            x = self.get_submodule(name)(x)
+        return x
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.forward_stem(x)
+        for index in range(len(self.stages)):
+            x = self.forward_stage(index, x)
+        return x
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's feature API: the maps of stages ``indices`` (an int n: the last n; None: all).
+
+        Returns ``(forward_features(x), maps)``, or only ``maps`` with ``intermediates_only``. With
+        ``stop_early`` (or ``intermediates_only``) the stages after the last one asked for are skipped.
+        ``norm`` is accepted for timm compatibility; the zoo has no separate final norm (it lives in the
+        last stage).
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"the CIFAR zoo returns NCHW maps, not {output_fmt}")
+        take, last = feature_take_indices(len(self.stages), indices)
+        maps = []
+        x = self.forward_stem(x)
+        for index in range(last + 1 if stop_early or intermediates_only else len(self.stages)):
+            x = self.forward_stage(index, x)
+            if index in take:
+                maps.append(x)
+        return maps if intermediates_only else (x, maps)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the classifier with ``prune_head``), as timm does."""
+        take, last = feature_take_indices(len(self.stages), indices)
+        for stage in self.stages[last + 1:]:
+            for name in stage.modules:
+                parent, _, leaf = name.rpartition(".")
+                setattr(self.get_submodule(parent), leaf, nn.Identity())
+        self.init_stages(list(self.stages[:last + 1]))
+        self.num_features = self.feature_channels = self.stages[-1].channels
+        if prune_head:
+            self.reset_classifier(0)
+        return take
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.adaptive_pool:
@@ -122,5 +195,5 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
-__all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "ZooNet", "channel_shuffle", "conv_bn", "init_weights",
+__all__ = ["Stage", "ZooNet", "channel_shuffle", "conv_bn", "init_weights",
            "linear_or_identity"]

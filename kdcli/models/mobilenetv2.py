@@ -1,8 +1,9 @@
 """MobileNetV2 for CIFAR, RepDistiller's ``mobile_half`` (expansion 6, width 0.5), registered as ``MobileNetV2``.
 
 Stem 3x3 conv stride 2 -> BN -> ReLU (16x16), seven stages of inverted residual blocks, 1x1 conv to 1280
--> BN -> ReLU (1280x2x2), global average pool, Linear ``classifier.0``. Unlike the original MobileNetV2,
-every block has the 1x1 expansion conv, even with expansion 1. state_dict: ``conv1.{0,1}``,
+-> BN -> ReLU (1280x2x2), global average pool, Linear ``classifier.0``. ``feature_info`` groups the blocks
+as RepDistiller's ``feat[1..4]`` (16x16, 8x8, 4x4, 2x2), the last stage ending with the 1x1 conv to 1280.
+Unlike the original MobileNetV2, every block has the 1x1 expansion conv, even with expansion 1. state_dict: ``conv1.{0,1}``,
 ``blocks.{stage}.{i}.conv.{0,1,3,4,6,7}``, ``conv2.{0,1}``, ``classifier.0``.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kdcli.models.base import ZooNet, conv_bn, init_weights, linear_or_identity
+from kdcli.models.base import Stage, ZooNet, conv_bn, init_weights, linear_or_identity
 
 # (expansion or None for the model's T, base output channels, blocks, stride of the first block)
 STAGES: tuple[tuple[int | None, int, int, int], ...] = (
@@ -61,10 +62,11 @@ class CifarMobileNetV2(ZooNet):
         self.conv2 = nn.Sequential(*conv_bn(in_ch, last, 1), nn.ReLU(inplace=True))
         self.classifier = nn.Sequential(linear_or_identity(last, num_classes))
         self.init_head(last, num_classes)
+        widths = [int(base * width) for _, base, _, _ in STAGES]
+        self.init_stages([Stage(("blocks.0", "blocks.1"), widths[1], 2), Stage(("blocks.2",), widths[2], 4),
+                          Stage(("blocks.3", "blocks.4"), widths[4], 8),
+                          Stage(("blocks.5", "blocks.6", "conv2"), last, 16)])
         init_weights(self, linear="normal")
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = self.conv1(x)
-        for stage in self.blocks:
-            x = stage(x)
-        return self.conv2(x)
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.conv1(x)

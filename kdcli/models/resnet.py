@@ -1,7 +1,7 @@
 """CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4) in the RepDistiller layout.
 
-Stem 3x3 conv-BN-ReLU, three stages of post-activation BasicBlocks (strides 1, 2, 2; 32 -> 32 -> 16 -> 8),
-global average pool, Linear ``fc``. state_dict: ``conv1``, ``bn1``,
+Stem 3x3 conv-BN-ReLU, three stages of post-activation BasicBlocks (strides 1, 2, 2; 32 -> 32 -> 16 -> 8;
+``feature_info``: layer1, layer2, layer3), global average pool, Linear ``fc``. state_dict: ``conv1``, ``bn1``,
 ``layer{1,2,3}.{i}.{conv1,bn1,conv2,bn2}``, ``layer*.0.downsample.{0,1}``, ``fc``.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdcli.models.base import ZooNet, conv_bn, init_weights, linear_or_identity
+from kdcli.models.base import Stage, ZooNet, conv_bn, init_weights, linear_or_identity
 
 
 class BasicBlock(nn.Module):
@@ -46,11 +46,12 @@ class CifarResNet(ZooNet):
         self.layer3 = _stage(widths[2], widths[3], blocks_per_stage, stride=2)
         self.fc = linear_or_identity(widths[3], num_classes)
         self.init_head(widths[3], num_classes)
+        self.init_stages([Stage(("layer1",), widths[1], 1), Stage(("layer2",), widths[2], 2),
+                          Stage(("layer3",), widths[3], 4)])
         init_weights(self, linear="default")
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.layer3(self.layer2(self.layer1(x)))
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn1(self.conv1(x)))
 
 
 def _stage(in_ch: int, out_ch: int, num_blocks: int, stride: int) -> nn.Sequential:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdcli.models.base import ZooNet, conv_bn, init_weights, linear_or_identity
+from kdcli.models.base import Stage, ZooNet, conv_bn, init_weights, linear_or_identity
 
 EXPANSION = 4
 
@@ -58,8 +58,9 @@ class BottleneckResNet(ZooNet):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.linear = linear_or_identity(in_ch, num_classes)
         self.init_head(in_ch, num_classes)
+        self.init_stages([Stage((f"layer{i + 1}",), width * EXPANSION, 2 ** i)
+                          for i, width in enumerate((64, 128, 256, 512))])
         init_weights(self, linear="default")
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn1(self.conv1(x)))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdcli.models.base import ZooNet, channel_shuffle, linear_or_identity
+from kdcli.models.base import Stage, ZooNet, channel_shuffle, linear_or_identity
 
 STEM_CHANNELS = 24
 
@@ -61,10 +61,10 @@ class ShuffleNetV1(ZooNet):
         )
         self.linear = linear_or_identity(widths[-1], num_classes)
         self.init_head(widths[-1], num_classes)
+        self.init_stages([Stage((f"layer{i + 1}",), w, 2 ** (i + 1)) for i, w in enumerate(widths)])
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.layer3(self.layer2(self.layer1(x)))
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn1(self.conv1(x)))
 
 
 def _stage(in_ch: int, out_ch: int, depth: int, groups: int) -> nn.Sequential:

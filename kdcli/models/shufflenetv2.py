@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdcli.models.base import ZooNet, channel_shuffle, linear_or_identity
+from kdcli.models.base import Stage, ZooNet, channel_shuffle, linear_or_identity
 
 STEM_CHANNELS = 24
 
@@ -84,8 +84,14 @@ class ShuffleNetV2(ZooNet):
         self.bn2 = nn.BatchNorm2d(last)
         self.linear = linear_or_identity(last, num_classes)
         self.init_head(last, num_classes)
+        self.init_stages([Stage(("layer1",), widths[0], 2), Stage(("layer2",), widths[1], 4),
+                          Stage(("layer3", "conv2", "bn2"), last, 8)])
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return F.relu(self.bn2(self.conv2(x)))
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn1(self.conv1(x)))
+
+    def forward_stage(self, index: int, x: Tensor) -> Tensor:
+        """The last stage ends with the 1x1 conv -> BN -> ReLU to ``last`` channels (the map that gets pooled)."""
+        if index == 2:
+            return F.relu(self.bn2(self.conv2(self.layer3(x))))
+        return super().forward_stage(index, x)

@@ -2,7 +2,8 @@
 
 Five blocks of 3x3 conv (with bias) -> BN -> ReLU; each block's container omits its final ReLU, which
 ``forward_features`` applies. 2x2 max-pools follow blocks 0, 1, 2 (and block 3 only for 64x64 inputs,
-the original's Tiny-ImageNet rule), so CIFAR sizes are 32, 16, 8, 4, 4. Head: global average pool ->
+the original's Tiny-ImageNet rule), so CIFAR sizes are 32, 16, 8, 4, 4. ``feature_info``: the five blocks'
+outputs after their ReLU (before the pool), RepDistiller's ``feat[0..4]``. Head: global average pool ->
 Linear ``classifier``. state_dict: ``block{0..4}.{3j}`` (conv j), ``block*.{3j+1}`` (its BN), ``classifier``.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdcli.models.base import ZooNet, init_weights, linear_or_identity
+from kdcli.models.base import Stage, ZooNet, init_weights, linear_or_identity
 
 # Conv widths per block.
 VGG_CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -46,14 +47,13 @@ class VGG(ZooNet):
         )
         self.classifier = linear_or_identity(config[-1][-1], num_classes)
         self.init_head(config[-1][-1], num_classes)
+        self.init_stages([Stage((f"block{i}",), widths[-1], reduction)
+                          for i, (widths, reduction) in enumerate(zip(config, (1, 2, 4, 8, 8)))])
         init_weights(self, linear="normal")
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        pool_after_block3 = x.shape[2] == 64
-        x = F.max_pool2d(F.relu(self.block0(x)), 2)
-        x = F.max_pool2d(F.relu(self.block1(x)), 2)
-        x = F.max_pool2d(F.relu(self.block2(x)), 2)
-        x = F.relu(self.block3(x))
-        if pool_after_block3:
+    def forward_stage(self, index: int, x: Tensor) -> Tensor:
+        """Block ``index`` and its ReLU; a 2x2 max-pool precedes blocks 1-3, and block 4 only for 64x64
+        inputs (its input is then 8x8), as in the original; the maps are taken before the pool."""
+        if index in (1, 2, 3) or (index == 4 and x.shape[-2] == 8):
             x = F.max_pool2d(x, 2)
-        return F.relu(self.block4(x))
+        return F.relu(self.get_submodule(f"block{index}")(x))

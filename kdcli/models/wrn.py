@@ -1,7 +1,8 @@
 """Wide ResNets WRN-depth-k for CIFAR (wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2) in the RepDistiller layout.
 
 Stem: one 3x3 conv (no BN/ReLU). Three groups of pre-activation blocks (strides 1, 2, 2), then
-BN -> ReLU -> global average pool -> Linear ``fc``. state_dict: ``conv1``,
+BN -> ReLU -> global average pool -> Linear ``fc``. ``feature_info``: block1, block2, block3 (whose map
+includes the final BN -> ReLU, so it equals ``forward_features``). state_dict: ``conv1``,
 ``block{1,2,3}.layer.{i}.{bn1,conv1,bn2,conv2[,convShortcut]}``, ``bn1``, ``fc``.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdcli.models.base import ZooNet, init_weights, linear_or_identity
+from kdcli.models.base import Stage, ZooNet, init_weights, linear_or_identity
 
 
 class PreActBlock(nn.Module):
@@ -65,8 +66,15 @@ class WideResNet(ZooNet):
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = linear_or_identity(widths[3], num_classes)
         self.init_head(widths[3], num_classes)
+        self.init_stages([Stage(("block1",), widths[1], 1), Stage(("block2",), widths[2], 2),
+                          Stage(("block3", "bn1"), widths[3], 4)])
         init_weights(self, linear="zero_bias")
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = self.block3(self.block2(self.block1(self.conv1(x))))
-        return F.relu(self.bn1(x))
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.conv1(x)
+
+    def forward_stage(self, index: int, x: Tensor) -> Tensor:
+        """The third group ends with the network's final BN-ReLU, so its map is the one that gets pooled."""
+        if index == 2:
+            return F.relu(self.bn1(self.block3(x)))
+        return super().forward_stage(index, x)

@@ -1,0 +1,55 @@
+"""Optimisers and per-epoch learning-rate schedules, built from the parameter groups a method declares."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kdcli.methods.base import ParamGroup
+from kdcli.recipes import OptimConfig, ScheduleConfig
+
+Optimizers = dict[str, torch.optim.Optimizer]
+Schedulers = dict[str, torch.optim.lr_scheduler.LRScheduler]
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, nesterov), Adam (L2 weight decay added to the gradient) or AdamW (decoupled decay)."""
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov)
+    adam = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
+                    epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-epoch schedule: linear warm-up (optional), then multi-step, cosine or constant."""
+    warmup = cfg.warmup_epochs
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup:
+            return (epoch + 1) / warmup
+        if cfg.name == "multistep":
+            return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        if cfg.name == "cosine":
+            span = max(epochs - warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / span))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_optimizers(groups: list[ParamGroup], optim: OptimConfig, schedule: ScheduleConfig,
+                     epochs: int) -> tuple[Optimizers, Schedulers]:
+    """One optimiser and schedule per non-empty group; a group without settings takes the recipe's."""
+    optimizers: Optimizers = {}
+    schedulers: Schedulers = {}
+    for group in groups:
+        params = [p for p in group.params if p.requires_grad]
+        if not params:
+            continue
+        optimizers[group.name] = build_optimizer(params, group.optim or optim)
+        schedulers[group.name] = build_scheduler(optimizers[group.name], group.schedule or schedule, epochs)
+    return optimizers, schedulers

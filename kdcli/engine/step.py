@@ -1,0 +1,142 @@
+"""The seams of a training step: the teacher, the DDP-wrapped pass and the optimisers.
+
+:class:`Engine` implements :class:`kdcli.methods.base.Step` for one method:
+
+* ``teacher(batch)``: the frozen teacher, once per call, in ``torch.inference_mode`` and the run's
+  precision, on exactly the images of the batch the method's ``view`` returned, giving the outputs of
+  the method's ``teacher_taps``. It is the one place a teacher runs during training (and the place an
+  output cache plugs in);
+* ``forward(taps, fn, batch, ...)``: one differentiable pass through the method wrapped in
+  DistributedDataParallel, so DDP sees every pass and averages every trainable parameter's gradient —
+  networks, projectors, discriminators alike — with its bucketed, overlapped all-reduce;
+* ``update(loss, *groups)``: zero, back-propagate, step the optimisers built from the method's
+  :meth:`~kdcli.methods.base.Method.param_groups`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from kdcli.devices import autocast
+from kdcli.engine.distributed import DistEnv, wrap
+from kdcli.engine.optim import build_optimizers
+from kdcli.errors import UserError
+from kdcli.methods import get_method
+from kdcli.methods.base import Batch, Method, MethodContext, StepInfo, StepOutput, parse_params
+from kdcli.models import Features, FeatureShapes, Taps, feature_shapes, forward_taps
+from kdcli.recipes import MethodConfig, Recipe
+
+
+def build_method(cfg: MethodConfig, networks: dict[str, nn.Module], teacher: nn.Module | None, num_classes: int,
+                 image_size: int, device: torch.device, world_size: int = 1) -> Method:
+    """The method of ``cfg`` over ``networks``, given the shapes of what it taps from them and the teacher."""
+    cls = get_method(cfg.name)
+    if cls.teacher_taps is not None and teacher is None:
+        raise UserError(f"method '{cfg.name}' needs a teacher; add teacher.arch (and teacher.checkpoint) to the recipe")
+    shapes = {name: _shapes(net, image_size, cls.taps, num_classes) for name, net in networks.items()}
+    if teacher is not None and cls.teacher_taps is not None:
+        shapes["teacher"] = _shapes(teacher, image_size, cls.teacher_taps, num_classes)
+    ctx = MethodContext(num_classes, image_size, device, world_size, shapes)
+    return cls(networks, parse_params(cls, cfg.params), cfg.weights, ctx).to(device)
+
+
+def _shapes(network: nn.Module, image_size: int, taps: Taps, num_classes: int) -> FeatureShapes:
+    """Shapes of the tapped outputs; logits alone need no probing forward."""
+    if taps.splits_forward:
+        return feature_shapes(network, image_size, taps)
+    return FeatureShapes(logits=(num_classes,) if taps.logits else ())
+
+
+def method_engine(cfg: MethodConfig, networks: dict[str, nn.Module], teacher: nn.Module | None, num_classes: int,
+                  image_size: int = 32, recipe: Recipe | None = None, epochs: int = 1,
+                  device: torch.device | None = None) -> Engine:
+    """A method over ``networks`` and its engine in one process, e.g. for tests, benchmarks and notebooks.
+
+    ``recipe`` supplies the optimiser, schedule and precision (defaults: a default :class:`Recipe`).
+    """
+    device = device or next(next(iter(networks.values())).parameters()).device
+    method = build_method(cfg, networks, teacher, num_classes, image_size, device)
+    return Engine(method, teacher, dataclasses.replace(recipe or Recipe(), method=cfg), epochs)
+
+
+class TeacherSeam:
+    """Runs the frozen teacher on a batch: inference mode, the run's precision, the declared taps."""
+
+    def __init__(self, teacher: nn.Module, taps: Taps, precision: str) -> None:
+        self.network = teacher.eval().requires_grad_(False)
+        self.taps = taps
+        self.precision = precision
+
+    def __call__(self, batch: Batch) -> Features:
+        with torch.inference_mode(), autocast(batch.images.device, self.precision):
+            out = forward_taps(self.network, batch.images, self.taps)
+        # Outside inference mode a clone is an ordinary tensor, which autograd may save for backward
+        # (a loss such as an MSE to a teacher map saves its target).
+        return Features(*(_clone(value) for value in out))
+
+
+def _clone(value: Tensor | tuple[Tensor, ...] | None) -> Any:
+    if isinstance(value, tuple):
+        return tuple(t.clone() for t in value)
+    return value.clone() if value is not None else None
+
+
+class _Passes(nn.Module):
+    """What DDP wraps: the whole method, so one wrapper covers every trainable parameter it owns."""
+
+    def __init__(self, method: Method) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, taps: Taps, fn: Callable[..., Any], batch: Batch, *args: Any) -> Any:
+        outputs = {name: forward_taps(net, batch.images, taps) for name, net in self.method.networks.items()}
+        return fn(batch, outputs, *args)
+
+
+class Engine:
+    """The step seams of one method in one run (see the module docstring); owns optimisers and schedulers."""
+
+    def __init__(self, method: Method, teacher: nn.Module | None, recipe: Recipe, epochs: int,
+                 dist: DistEnv | None = None) -> None:
+        self.method = method
+        self.precision = recipe.train.precision
+        taps = method.teacher_taps
+        self.teacher_seam = TeacherSeam(teacher, taps, self.precision) if teacher is not None and taps else None
+        self.passes = wrap(_Passes(method), dist or DistEnv(),
+                           find_unused_parameters=not method.every_pass_uses_all_parameters)
+        self.optimizers, self.schedulers = build_optimizers(method.param_groups(), recipe.optim, recipe.schedule,
+                                                            epochs)
+
+    # -- the Step seams ---------------------------------------------------------------------------
+    def teacher(self, batch: Batch) -> Features:
+        if self.teacher_seam is None:
+            raise RuntimeError(f"method '{self.method.name}' declares no teacher_taps but asked for the teacher")
+        return self.teacher_seam(batch)
+
+    def forward(self, taps: Taps, fn: Callable[..., Any], batch: Batch, *args: Any) -> Any:
+        with autocast(batch.images.device, self.precision):
+            return self.passes(taps, fn, batch, *args)
+
+    def update(self, loss: Tensor, *groups: str) -> None:
+        optimizers = [self.optimizers[g] for g in groups]
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+
+    # -- driving the method -----------------------------------------------------------------------
+    def train_step(self, batch: Batch, info: StepInfo) -> StepOutput:
+        return self.method.train_step(batch, self, info)
+
+    def step_terms(self, batch: Batch, info: StepInfo) -> tuple[Tensor, dict[str, Tensor]]:
+        """The logits and loss terms one step would minimise, without an update (tests, benchmarks)."""
+        return self.method.step_terms(batch, self, info)
+
+    def end_epoch(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.step()

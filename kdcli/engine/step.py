@@ -105,7 +105,7 @@ class Engine:
         self.method = method
         self.precision = recipe.train.precision
         taps = method.teacher_taps
-        self.teacher_seam = TeacherSeam(teacher, taps, self.precision) if teacher is not None and taps else None
+        self.teacher_seam = TeacherSeam(teacher, taps, self.precision) if teacher is not None and taps is not None else None
         self.passes = wrap(_Passes(method), dist or DistEnv(),
                            find_unused_parameters=not method.every_pass_uses_all_parameters)
         self.optimizers, self.schedulers = build_optimizers(method.param_groups(), recipe.optim, recipe.schedule,

@@ -172,7 +172,7 @@ def test_method_reaches_zero_av_when_the_student_is_the_teacher() -> None:
     torch.manual_seed(6)
     engine = _method("resnet8", "resnet8", kappa=1e4, kappa_t=1e4, weights={"kd": 1.0, "rel": 1.0})
     method = engine.method
-    method.main.load_state_dict(engine.teacher_seam.network.state_dict())
+    method.networks["student"].load_state_dict(engine.teacher_seam.network.state_dict())
     with torch.no_grad():  # identity projector: e = n(h_S) = n(h_T) = mu
         method.projector.weight.copy_(torch.eye(64))
         method.projector.bias.zero_()

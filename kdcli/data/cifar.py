@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import download_and_extract_archive
 
-from kdcli.data.registry import DATASETS, Triple
+from kdcli.data.registry import DATASETS
 from kdcli.data.splits import TensorSplit
 from kdcli.errors import UserError
 
-
-@dataclass(frozen=True)
-class CifarInfo:
-    title: str
-    dataset: type[CIFAR10]
-    mean: Triple
-    std: Triple
-
-
-def _info(name: str, dataset: type[CIFAR10]) -> CifarInfo:
-    entry = DATASETS[name]
-    return CifarInfo(entry.title, dataset, entry.mean, entry.std)
-
-
-CIFAR = {"cifar10": _info("cifar10", CIFAR10), "cifar100": _info("cifar100", CIFAR100)}
+CIFAR: dict[str, type[CIFAR10]] = {"cifar10": CIFAR10, "cifar100": CIFAR100}  # title and statistics: DATASETS
 
 
 def _presence_checked(dataset: type[CIFAR10]) -> type[CIFAR10]:
@@ -48,22 +33,23 @@ def _missing_files(dataset: type[CIFAR10], root: Path) -> list[str]:
     return [name for name in names if not (root / dataset.base_folder / name).is_file()]
 
 
-def _download(info: CifarInfo, root: Path) -> None:
+def _download(name: str, root: Path) -> None:
+    dataset = CIFAR[name]
     try:
-        download_and_extract_archive(info.dataset.url, str(root), filename=info.dataset.filename,
-                                     md5=info.dataset.tgz_md5)
+        download_and_extract_archive(dataset.url, str(root), filename=dataset.filename, md5=dataset.tgz_md5)
     except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError; bad md5 is a RuntimeError
         reason = " ".join(str(error).split()) or type(error).__name__
-        raise UserError(f"{info.title} download to {root} failed ({reason}); check the network or put the "
-                        f"extracted files in {root / info.dataset.base_folder}") from error
+        raise UserError(f"{DATASETS[name].title} download to {root} failed ({reason}); check the network or put "
+                        f"the extracted files in {root / dataset.base_folder}") from error
 
 
-def _read_split(info: CifarInfo, root: Path, train: bool, crop_padding: int,
+def _read_split(name: str, root: Path, train: bool, crop_padding: int,
                 hflip: bool) -> tuple[TensorSplit, list[str]]:
+    info, dataset = DATASETS[name], CIFAR[name]
     try:
-        data = _presence_checked(info.dataset)(str(root), train=train, download=False)
+        data = _presence_checked(dataset)(str(root), train=train, download=False)
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
-        raise UserError(f"{info.title} files under {root / info.dataset.base_folder} are unreadable "
+        raise UserError(f"{info.title} files under {root / dataset.base_folder} are unreadable "
                         f"({type(error).__name__}: {error}); delete them and download again") from error
     images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) HWC -> NCHW
     labels = torch.as_tensor(data.targets, dtype=torch.int64)
@@ -73,14 +59,14 @@ def _read_split(info: CifarInfo, root: Path, train: bool, crop_padding: int,
 def load_cifar(name: str, root: str, download: bool, crop_padding: int = 4,
                hflip: bool = True) -> tuple[TensorSplit, TensorSplit, list[str]]:
     """(train, test, class names) of ``name`` ('cifar10' or 'cifar100') under ``root`` (``~`` expanded)."""
-    info = CIFAR[name]
+    dataset = CIFAR[name]
     base = Path(root).expanduser()
-    if download and _missing_files(info.dataset, base):
-        _download(info, base)
-    missing = _missing_files(info.dataset, base)
+    if download and _missing_files(dataset, base):
+        _download(name, base)
+    missing = _missing_files(dataset, base)
     if missing:
-        raise UserError(f"{info.title} not found under {base} (expected {info.dataset.base_folder}/ with "
+        raise UserError(f"{DATASETS[name].title} not found under {base} (expected {dataset.base_folder}/ with "
                         f"{', '.join(missing)}); pass --set data.download=true or put the extracted files there")
-    train, class_names = _read_split(info, base, True, crop_padding, hflip)
-    test, _ = _read_split(info, base, False, crop_padding, hflip)
+    train, class_names = _read_split(name, base, True, crop_padding, hflip)
+    test, _ = _read_split(name, base, False, crop_padding, hflip)
     return train, test, class_names

@@ -1,4 +1,4 @@
-"""The dataset registry: class count, image size and normalisation statistics of each named dataset.
+"""The dataset registry: title, class count and normalisation statistics of each named dataset.
 
 One table, read by the data layer (normalisation of CIFAR batches), the model zoo (timm's pretrained cfg)
 and the engine (``--smoke`` data with the real class count). Statistics are per channel on the [0, 1]
@@ -20,7 +20,6 @@ class DatasetInfo:
     num_classes: int | None  # None: from the recipe (synthetic) or the folder tree (imagefolder)
     mean: Triple | None  # None: computed from the training images
     std: Triple | None
-    image_size: int | None = 32  # None: from the recipe (imagefolder)
 
 
 IMAGENET_MEAN: Triple = (0.485, 0.456, 0.406)
@@ -30,5 +29,5 @@ DATASETS: dict[str, DatasetInfo] = {
     "synthetic": DatasetInfo("built-in synthetic", None, None, None),
     "cifar10": DatasetInfo("CIFAR-10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": DatasetInfo("CIFAR-100", 100, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-    "imagefolder": DatasetInfo("ImageFolder", None, IMAGENET_MEAN, IMAGENET_STD, image_size=None),
+    "imagefolder": DatasetInfo("ImageFolder", None, IMAGENET_MEAN, IMAGENET_STD),
 }

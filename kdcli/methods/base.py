@@ -130,10 +130,6 @@ class Method(nn.Module, abc.ABC):
             raise UserError(f"method '{cls.name}' trains a student; add student.arch to the recipe")
         return {"student": student_arch}
 
-    @property
-    def main(self) -> nn.Module:
-        return next(iter(self.networks.values()))
-
     def param_groups(self) -> list[ParamGroup]:
         """The optimisers to build: by default one (``main``) over every trainable parameter."""
         return [ParamGroup("main", [p for p in self.parameters() if p.requires_grad])]

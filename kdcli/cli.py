@@ -105,7 +105,8 @@ def _parse_seeds(seed: int, seeds: Optional[str]) -> list[int]:
     return parsed
 
 
-def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smoke, resume, seeds=None) -> None:
+def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smoke, resume, seeds=None,
+           teacher_per_seed: bool = False) -> None:
     """Run the recipe once per seed (each in its own sub-directory when there are several)."""
     from kdcli.engine import pipeline
     from kdcli.engine.io import write_csv
@@ -116,14 +117,7 @@ def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smo
         console.print(resolved.to_yaml(), highlight=False, markup=False)
         return
     ctx = _context(resolved, out, device, seed_list[0], smoke, resume, command)
-    run = pipeline.train_teacher if command == "train-teacher" else pipeline.distill
-    frames = []
-    for s in seed_list:
-        seed_ctx = ctx if len(seed_list) == 1 else dataclasses.replace(ctx, seed=s, out_dir=ctx.out_dir / f"seed-{s}")
-        started = time.perf_counter()
-        summaries = run(resolved, seed_ctx, smoke)
-        frames.append(pipeline.write_results(summaries, resolved, seed_ctx, time.perf_counter() - started).results)
-    frame = frames[0] if len(frames) == 1 else pipeline.with_seed_summary(pd.concat(frames, ignore_index=True))
+    frame = pipeline.run_seeds(command, resolved, ctx, smoke, seed_list, share_teacher=not teacher_per_seed)
     path = ctx.out_dir / "results.csv"
     if ctx.dist.is_main:
         write_csv(path, frame)
@@ -170,9 +164,12 @@ def distill(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt, out: Op
             device: str = DeviceOpt, seed: int = SeedOpt, dry_run: bool = DryOpt, smoke: bool = SmokeOpt,
             resume: bool = ResumeOpt,
             seeds: Optional[str] = typer.Option(None, "--seeds",
-                                                help="Run once per seed, e.g. 0,1,2; adds mean ± std rows.")) -> None:
+                                                help="Run once per seed, e.g. 0,1,2; adds mean ± std rows."),
+            teacher_per_seed: bool = typer.Option(
+                False, "--teacher-per-seed", help="With --seeds and no teacher checkpoint: train a teacher per seed "
+                "(default: one teacher, trained with the first seed, shared by all).")) -> None:
     """Distil the recipe's student from its teacher (training the teacher first if no checkpoint is given)."""
-    _train("distill", recipe, set_, out, device, seed, dry_run, smoke, resume, seeds)
+    _train("distill", recipe, set_, out, device, seed, dry_run, smoke, resume, seeds, teacher_per_seed)
 
 
 # -- evaluate / export ----------------------------------------------------------------------------

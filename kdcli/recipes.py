@@ -52,12 +52,28 @@ class DataConfig:
     num_workers: int = 2
 
 
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
 @dataclass
 class ModelConfig:
     """A network by zoo or timm name, optionally initialised from a checkpoint."""
 
     arch: str = "resnet8"
     checkpoint: str | None = None
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The frozen teacher and how it runs: ``precision`` (``auto``: bf16 where the device computes it natively),
+    ``fold_bn`` (BatchNorm folded into the preceding convolutions: the same function, fewer kernels),
+    ``compile`` (``torch.compile``) and ``cache``: ``auto`` replays outputs written by ``kdcli cache-teacher``
+    when a matching cache exists in the default cache folder, ``off`` never does, a path names one cache."""
+
+    precision: Precision = "auto"
+    fold_bn: bool = True
+    compile: bool = False
+    cache: str = "auto"
 
 
 @dataclass
@@ -97,13 +113,18 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
+    """The training loop. ``precision``: ``auto`` is bf16 autocast on CUDA GPUs and CPUs with native bf16, fp32
+    elsewhere; ``fp16`` adds a gradient scaler. ``channels_last`` stores images and weights NHWC (faster
+    convolutions on CPUs and tensor cores); ``compile`` runs the networks through ``torch.compile``."""
+
     epochs: int = 240
     batch_size: int = 64
     eval_batch_size: int = 256
     eval_every: int = 1
     eval_split: Literal["val", "test"] = "test"
-    precision: Literal["fp32", "bf16"] = "fp32"
-    channels_last: bool = False
+    precision: Precision = "auto"
+    channels_last: bool = True
+    compile: bool = False
     baseline: bool = False
 
 
@@ -114,7 +135,7 @@ class Recipe:
     name: str = "unnamed"
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
-    teacher: ModelConfig | None = None
+    teacher: TeacherConfig | None = None
     student: ModelConfig | None = None
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -133,6 +133,23 @@ def test_train_teacher_and_multi_seed(tiny_recipe, tmp_path: Path) -> None:
     assert float(frame["best_top1_std"][2]) == pytest.approx(per_seed.std(ddof=1))
 
 
+def test_seeds_share_one_teacher_unless_asked_not_to(tiny_recipe, tmp_path: Path) -> None:
+    recipe = tiny_recipe(method="kd", epochs=1)
+    result = invoke("distill", "--recipe", recipe, "--seeds", "0,1", "--out", tmp_path / "s", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(tmp_path / "s/results.csv")
+    # One teacher row (seed 0, no mean row of its own), then two KD rows and their mean.
+    assert list(zip(frame["stage"], frame["seed"].astype(str))) == [
+        ("teacher", "0"), ("kd", "0"), ("kd", "1"), ("kd", "mean")]
+    assert (tmp_path / "s/teacher/checkpoints/teacher-best.safetensors").is_file()
+    assert not (tmp_path / "s/seed-0/teacher").exists() and not (tmp_path / "s/seed-1/teacher").exists()
+    result = invoke("distill", "--recipe", recipe, "--seeds", "0,1", "--teacher-per-seed", "--out", tmp_path / "p",
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert all((tmp_path / f"p/seed-{s}/teacher/checkpoints/teacher-best.safetensors").is_file() for s in (0, 1))
+    assert list(pd.read_csv(tmp_path / "p/results.csv")["stage"]).count("teacher") == 3  # 2 seeds and their mean
+
+
 def test_dry_run_prints_the_resolved_recipe(tmp_path: Path) -> None:
     result = invoke("distill", "--recipe", "cifar100-resnet", "--set", "train.epochs=7", "--dry-run")
     assert result.exit_code == 0, result.output

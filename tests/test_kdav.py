@@ -26,7 +26,7 @@ from kdcli.methods.kdav import (
     membership_scores,
 )
 from kdcli.models import create_model
-from kdcli.recipes import MethodConfig
+from kdcli.recipes import MethodConfig, Recipe, TeacherConfig
 
 
 def _unit(n: int, d: int, dtype=torch.float32) -> torch.Tensor:
@@ -127,12 +127,14 @@ def test_queue_warms_up_and_wraps_around_fifo() -> None:
 
 
 # -- the method ----------------------------------------------------------------------------------
-def _method(teacher_arch: str, student_arch: str, classes: int = 10, **params) -> Engine:
+def _method(teacher_arch: str, student_arch: str, classes: int = 10, fold_bn: bool = True, **params) -> Engine:
     """A KDAV method (``.method``) and its engine; the teacher is the engine's ``teacher_seam.network``."""
     weights = params.pop("weights", {})
     method_cfg = MethodConfig(name="kdav", weights=weights, params=params)
     teacher = create_model(teacher_arch, num_classes=classes).eval().requires_grad_(False)
-    return method_engine(method_cfg, {"student": create_model(student_arch, num_classes=classes)}, teacher, classes)
+    recipe = Recipe(teacher=TeacherConfig(teacher_arch, fold_bn=fold_bn))
+    return method_engine(method_cfg, {"student": create_model(student_arch, num_classes=classes)}, teacher, classes,
+                         recipe=recipe)
 
 
 def _batch(n: int = 4, classes: int = 10, seed: int = 0) -> Batch:
@@ -170,7 +172,7 @@ def test_without_batch_members_the_first_step_has_no_av_loss() -> None:
 def test_method_reaches_zero_av_when_the_student_is_the_teacher() -> None:
     """The wiring of the limit: own teacher entries are members and features come from pre-logits."""
     torch.manual_seed(6)
-    engine = _method("resnet8", "resnet8", kappa=1e4, kappa_t=1e4, weights={"kd": 1.0, "rel": 1.0})
+    engine = _method("resnet8", "resnet8", kappa=1e4, kappa_t=1e4, weights={"kd": 1.0, "rel": 1.0}, fold_bn=False)
     method = engine.method
     method.networks["student"].load_state_dict(engine.teacher_seam.network.state_dict())
     with torch.no_grad():  # identity projector: e = n(h_S) = n(h_T) = mu

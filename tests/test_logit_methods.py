@@ -21,7 +21,7 @@ from kdcli.methods import describe_methods, get_method
 from kdcli.methods.base import Batch, StepInfo
 from kdcli.methods.logit import TERMS
 from kdcli.models import create_model
-from kdcli.recipes import MethodConfig
+from kdcli.recipes import MethodConfig, Recipe, TeacherConfig
 
 FIVE = ("kd", "ttm", "wttm", "dkd", "dist")
 CLASSES = 10
@@ -46,9 +46,12 @@ class FixedLogits(nn.Module):
 
 def make_method(name: str, student: nn.Module, teacher: nn.Module | None, weights: dict | None = None,
                 params: dict | None = None, num_classes: int = CLASSES) -> Engine:
-    """The method and its engine (``.method``; ``step_terms`` computes a step's terms without an update)."""
+    """The method and its engine (``.method``; ``step_terms`` computes a step's terms without an update).
+
+    The teacher runs unfolded, so its logits equal ``teacher(x)`` bit for bit (folding: test_engine.py)."""
     cfg = MethodConfig(name=name, weights=weights or {}, params=params or {})
-    return method_engine(cfg, {"student": student}, teacher, num_classes, epochs=240)
+    recipe = Recipe(teacher=TeacherConfig(fold_bn=False))
+    return method_engine(cfg, {"student": student}, teacher, num_classes, recipe=recipe, epochs=240)
 
 
 def info(epoch: int = 0, epochs: int = 240) -> StepInfo:

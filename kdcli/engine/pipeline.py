@@ -8,7 +8,9 @@ A distill run writes, under its output directory::
     <method>/              the distilled student(s)
     results.csv            one row per stage and network, with provenance
 
-Each stage directory holds ``history.csv`` and ``checkpoints/``. ``--resume`` skips finished stages and
+With ``--seeds 0,1,2`` each seed gets ``seed-<s>/`` with the layout above, except that a teacher to
+be trained is trained once, with the first seed, in ``teacher/`` beside them and shared (see
+:func:`run_seeds`). Each stage directory holds ``history.csv`` and ``checkpoints/``. ``--resume`` skips finished stages and
 continues an interrupted one from its last epoch.
 """
 
@@ -28,6 +30,7 @@ from torch import nn
 
 from kdcli.data import DataBundle, build_data, smoke_data
 from kdcli.data.registry import DATASETS
+from kdcli.devices import resolve_precision
 from kdcli.engine.checkpoint import load_model
 from kdcli.engine.io import write_csv
 from kdcli.engine.step import build_method
@@ -157,8 +160,41 @@ def train_teacher(recipe: Recipe, ctx: RunContext, smoke: bool) -> list[RunSumma
     return [run_stage("teacher", "ce", {"teacher": recipe.teacher.arch}, None, recipe, data, ctx)]
 
 
-def distill(recipe: Recipe, ctx: RunContext, smoke: bool) -> list[RunSummary]:
-    """Teacher (trained first if no checkpoint is given), optional baseline, then the method."""
+def run_seeds(command: str, recipe: Recipe, ctx: RunContext, smoke: bool, seeds: list[int],
+              share_teacher: bool = True) -> pd.DataFrame:
+    """Run ``command`` once per seed, each in ``out/seed-<s>`` when there are several; the results table.
+
+    With several seeds, a ``distill`` whose recipe has no teacher checkpoint trains the teacher once, with
+    the first seed, in ``out/teacher``, and every seed distils from it (``share_teacher=False``: a
+    teacher per seed). Several seeds add mean ± std rows (:func:`with_seed_summary`).
+    """
+    if len(seeds) == 1:
+        started = time.perf_counter()
+        summaries = (train_teacher if command == "train-teacher" else distill)(recipe, ctx, smoke)
+        return write_results(summaries, recipe, ctx, time.perf_counter() - started).results
+    frames, teacher = [], None
+    if command == "distill" and share_teacher and _trains_teacher(recipe):
+        started, first = time.perf_counter(), dataclasses.replace(ctx, seed=seeds[0])
+        summaries = train_teacher(recipe, first, smoke)
+        frames.append(results_frame(summaries, recipe, first, time.perf_counter() - started))
+        teacher = str(ctx.out_dir / TEACHER_CHECKPOINT)
+    for seed in seeds:
+        seed_ctx = dataclasses.replace(ctx, seed=seed, out_dir=ctx.out_dir / f"seed-{seed}")
+        started = time.perf_counter()
+        summaries = (train_teacher(recipe, seed_ctx, smoke) if command == "train-teacher"
+                     else distill(recipe, seed_ctx, smoke, teacher))
+        frames.append(write_results(summaries, recipe, seed_ctx, time.perf_counter() - started).results)
+    return with_seed_summary(pd.concat(frames, ignore_index=True))
+
+
+def _trains_teacher(recipe: Recipe) -> bool:
+    needs = get_method(recipe.method.name).teacher_taps is not None
+    return needs and recipe.teacher is not None and recipe.teacher.checkpoint is None
+
+
+def distill(recipe: Recipe, ctx: RunContext, smoke: bool, teacher_checkpoint: str | None = None) -> list[RunSummary]:
+    """Teacher (trained first if neither the recipe nor ``teacher_checkpoint`` gives a checkpoint), optional
+    baseline, then the method."""
     method_cls = get_method(recipe.method.name)
     data = prepare_data(recipe, smoke)
     summaries: list[RunSummary] = []
@@ -167,7 +203,7 @@ def distill(recipe: Recipe, ctx: RunContext, smoke: bool) -> list[RunSummary]:
         if recipe.teacher is None:
             raise UserError(f"method '{recipe.method.name}' needs a teacher; "
                             "add teacher.arch (and teacher.checkpoint) to the recipe")
-        path = recipe.teacher.checkpoint
+        path = teacher_checkpoint or recipe.teacher.checkpoint
         if path is None:
             summaries += train_teacher(recipe, ctx, smoke)
             path = str(ctx.out_dir / TEACHER_CHECKPOINT)
@@ -196,7 +232,8 @@ def results_frame(summaries: list[RunSummary], recipe: Recipe, ctx: RunContext, 
                 **dataclasses.asdict(result), "eval_split": recipe.train.eval_split,
                 "epochs": recipe.train.epochs, "seed": ctx.seed, "stage_seconds": round(summary.seconds, 2),
                 "images_per_s": round(summary.images_per_s, 1), "wall_seconds": round(wall_seconds, 2),
-                "device": device_name(ctx.device), "kdcli": kdcli.__version__, "torch": torch.__version__,
+                "device": device_name(ctx.device), "precision": resolve_precision(recipe.train.precision, ctx.device),
+                "kdcli": kdcli.__version__, "torch": torch.__version__,
                 "timm": timm.__version__, "python": platform.python_version(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             })
@@ -210,10 +247,13 @@ def device_name(device: torch.device) -> str:
 
 
 def with_seed_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per-seed rows plus one ``mean`` row per (stage, network): best- and last-epoch accuracy ± std."""
+    """Per-seed rows plus one ``mean`` row per (stage, network) run with several seeds (a shared teacher has
+    one row and no mean): best- and last-epoch accuracy ± std."""
     metrics = ["best_top1", "last_top1", "test_top1_at_best", "test_top1_last"]
     rows = []
     for _, group in frame.groupby(["stage", "network"], sort=False):
+        if len(group) == 1:
+            continue
         row = group.iloc[0].to_dict() | {"seed": "mean", "best_epoch": None, "checkpoint": ""}
         for column in metrics:
             values = pd.to_numeric(group[column], errors="coerce")

@@ -2,15 +2,16 @@
 
 :class:`Engine` implements :class:`kdcli.methods.base.Step` for one method:
 
-* ``teacher(batch)``: the frozen teacher, once per call, in ``torch.inference_mode`` and the run's
-  precision, on exactly the images of the batch the method's ``view`` returned, giving the outputs of
-  the method's ``teacher_taps``. It is the one place a teacher runs during training (and the place an
-  output cache plugs in);
+* ``teacher(batch)``: the frozen teacher, once per call, in ``torch.inference_mode`` and its own
+  precision (``teacher.precision``), BatchNorm folded and channels-last when the run is, on exactly the
+  images of the batch the method's ``view`` returned, giving the outputs of the method's
+  ``teacher_taps``. It is the one place a teacher runs during training (and the place an output cache
+  plugs in);
 * ``forward(taps, fn, batch, ...)``: one differentiable pass through the method wrapped in
   DistributedDataParallel, so DDP sees every pass and averages every trainable parameter's gradient —
   networks, projectors, discriminators alike — with its bucketed, overlapped all-reduce;
 * ``update(loss, *groups)``: zero, back-propagate, step the optimisers built from the method's
-  :meth:`~kdcli.methods.base.Method.param_groups`.
+  :meth:`~kdcli.methods.base.Method.param_groups` (with a gradient scaler under fp16).
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from kdcli.devices import autocast
+from kdcli.devices import autocast, resolve_precision
 from kdcli.engine.distributed import DistEnv, wrap
 from kdcli.engine.optim import build_optimizers
 from kdcli.errors import UserError
 from kdcli.methods import get_method
 from kdcli.methods.base import Batch, Method, MethodContext, StepInfo, StepOutput, parse_params
 from kdcli.models import Features, FeatureShapes, Taps, feature_shapes, forward_taps
-from kdcli.recipes import MethodConfig, Recipe
+from kdcli.models.fold import fold_batchnorm
+from kdcli.recipes import MethodConfig, Recipe, TeacherConfig
 
 
 def build_method(cfg: MethodConfig, networks: dict[str, nn.Module], teacher: nn.Module | None, num_classes: int,
@@ -64,12 +66,30 @@ def method_engine(cfg: MethodConfig, networks: dict[str, nn.Module], teacher: nn
 
 
 class TeacherSeam:
-    """Runs the frozen teacher on a batch: inference mode, the run's precision, the declared taps."""
+    """Runs the frozen teacher on a batch: inference mode, its own precision, the declared taps.
 
-    def __init__(self, teacher: nn.Module, taps: Taps, precision: str) -> None:
-        self.network = teacher.eval().requires_grad_(False)
-        self.taps = taps
-        self.precision = precision
+    The network is prepared once for inference: channels-last weights when the run's images are
+    channels-last, BatchNorm folded into the convolutions (``teacher.fold_bn``; see
+    :func:`kdcli.models.fold.fold_batchnorm`) and optionally compiled.
+    """
+
+    def __init__(self, teacher: nn.Module, taps: Taps, precision: str, cfg: TeacherConfig | None = None,
+                 channels_last: bool = False, image_size: int = 32) -> None:
+        cfg = cfg or TeacherConfig(fold_bn=False)
+        network = teacher.eval().requires_grad_(False)
+        if channels_last:
+            network = network.to(memory_format=torch.channels_last)
+        self.folded = 0
+        if cfg.fold_bn:
+            device = next(network.parameters(), torch.empty(0)).device
+            # Its own generator: preparing the teacher must not move the run's global random stream.
+            example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+            example = example.to(device).contiguous(memory_format=_memory(channels_last))
+            network, self.folded = fold_batchnorm(network, example)
+        if cfg.compile:
+            network.compile()
+        self.network, self.taps, self.precision = network, taps, precision
+        self.channels_last, self.compiled = channels_last, cfg.compile
 
     def __call__(self, batch: Batch) -> Features:
         with torch.inference_mode(), autocast(batch.images.device, self.precision):
@@ -77,6 +97,16 @@ class TeacherSeam:
         # Outside inference mode a clone is an ordinary tensor, which autograd may save for backward
         # (a loss such as an MSE to a teacher map saves its target).
         return Features(*(_clone(value) for value in out))
+
+    def describe(self) -> str:
+        """One line for the log: how the teacher runs."""
+        parts = [self.precision, "channels-last" if self.channels_last else "contiguous",
+                 f"{self.folded} BatchNorms folded", *(["compiled"] if self.compiled else [])]
+        return ", ".join(parts)
+
+
+def _memory(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _clone(value: Tensor | tuple[Tensor, ...] | None) -> Any:
@@ -102,14 +132,26 @@ class Engine:
 
     def __init__(self, method: Method, teacher: nn.Module | None, recipe: Recipe, epochs: int,
                  dist: DistEnv | None = None) -> None:
+        device = method.ctx.device
         self.method = method
-        self.precision = recipe.train.precision
-        taps = method.teacher_taps
-        self.teacher_seam = TeacherSeam(teacher, taps, self.precision) if teacher is not None and taps is not None else None
+        self.precision = resolve_precision(recipe.train.precision, device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
+        self.teacher_seam = None
+        if teacher is not None and method.teacher_taps is not None:
+            teacher_cfg = recipe.teacher or TeacherConfig()
+            self.teacher_seam = TeacherSeam(teacher, method.teacher_taps,
+                                            resolve_precision(teacher_cfg.precision, device), teacher_cfg,
+                                            recipe.train.channels_last, method.ctx.image_size)
+        if recipe.train.compile:
+            for network in method.networks.values():
+                network.compile()
         self.passes = wrap(_Passes(method), dist or DistEnv(),
                            find_unused_parameters=not method.every_pass_uses_all_parameters)
         self.optimizers, self.schedulers = build_optimizers(method.param_groups(), recipe.optim, recipe.schedule,
                                                             epochs)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
 
     # -- the Step seams ---------------------------------------------------------------------------
     def teacher(self, batch: Batch) -> Features:
@@ -125,9 +167,10 @@ class Engine:
         optimizers = [self.optimizers[g] for g in groups]
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         for optimizer in optimizers:
-            optimizer.step()
+            self.scaler.step(optimizer)
+        self.scaler.update()
 
     # -- driving the method -----------------------------------------------------------------------
     def train_step(self, batch: Batch, info: StepInfo) -> StepOutput:

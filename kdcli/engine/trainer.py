@@ -92,6 +92,9 @@ class Trainer:
     # -- public -----------------------------------------------------------------------------------
     def fit(self) -> RunSummary:
         epochs = self.recipe.train.epochs
+        seam = self.engine.teacher_seam
+        if seam is not None and self.ctx.dist.is_main:
+            self.ctx.console.print(f"{self.stage}: teacher runs {seam.describe()}", highlight=False)
         if self.ctx.resume and self._restore():
             where = escape(str(self.ckpt_dir))
             self.ctx.console.print(f"[cyan]{self.stage}[/]: resumed after epoch {self.start_epoch} from {where}")
@@ -120,6 +123,7 @@ class Trainer:
         seen = 0
         lr = self._lr()
         begin = time.perf_counter()
+        shown = self._bar_shown()
         with self._progress() as progress:
             task = progress.add_task(f"{self.stage} epoch {epoch + 1}/{info.epochs}", total=steps, stats="")
             for i, (images, labels, indices) in enumerate(loader):
@@ -132,7 +136,8 @@ class Trainer:
                 correct += (out.logits.argmax(1) == labels).sum()
                 seen += labels.numel()
                 self.step += 1
-                if (i + 1) % 10 == 0 or i + 1 == steps:  # .item() synchronises the GPU: only now and then
+                # .item() waits for the GPU: only for a visible bar, and only every 10 steps.
+                if shown and ((i + 1) % 10 == 0 or i + 1 == steps):
                     rate = seen / max(time.perf_counter() - begin, 1e-9)
                     accuracy = 100 * correct.item() / seen
                     stats = f"loss {sums['loss'].item() / (i + 1):.4f} acc {accuracy:.1f}% {rate:.0f} img/s"
@@ -162,14 +167,17 @@ class Trainer:
     def _progress(self) -> Progress:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[stats]}"), console=self.ctx.console, transient=True,
-                        disable=not (self.ctx.dist.is_main and self.ctx.console.is_terminal))
+                        disable=not self._bar_shown())
+
+    def _bar_shown(self) -> bool:
+        return self.ctx.dist.is_main and self.ctx.console.is_terminal
 
     # -- evaluation -------------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, float]:
         """Top-1 of every network (and their ensemble when there are several) on every eval split."""
         row: dict[str, float] = {}
         names = list(self.method.networks)
-        precision = self.recipe.train.precision
+        precision = self.engine.precision
         for split, loader in self.eval_loaders.items():
             logits = {name: predict(self.method.networks[name], loader, precision) for name in names}
             for name, (out, labels, _) in logits.items():
@@ -217,6 +225,7 @@ class Trainer:
             "method": self.method.state_dict(),
             "optimizers": {k: v.state_dict() for k, v in self.engine.optimizers.items()},
             "schedulers": {k: v.state_dict() for k, v in self.engine.schedulers.items()},
+            "scaler": self.engine.scaler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "config_hash": self.recipe.config_hash(),
         }
@@ -233,6 +242,8 @@ class Trainer:
             optimizer.load_state_dict(state["optimizers"][key])
         for key, scheduler in self.engine.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][key])
+        if state.get("scaler"):
+            self.engine.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])

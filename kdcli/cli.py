@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
-import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -170,6 +168,34 @@ def distill(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt, out: Op
                 "(default: one teacher, trained with the first seed, shared by all).")) -> None:
     """Distil the recipe's student from its teacher (training the teacher first if no checkpoint is given)."""
     _train("distill", recipe, set_, out, device, seed, dry_run, smoke, resume, seeds, teacher_per_seed)
+
+
+@app.command("cache-teacher")
+@friendly
+def cache_teacher(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt,
+                  out: Optional[Path] = typer.Option(
+                      None, "--out", "-o", help="Cache folder (default: the shared folder under ~/.cache/kdcli that "
+                      "distill finds by itself; $KDCLI_CACHE moves it)."),
+                  features: bool = typer.Option(False, "--features", help="Also cache pre-logit features (KDAV)."),
+                  batch_size: int = typer.Option(1024, "--batch-size", help="Views per teacher forward."),
+                  device: str = DeviceOpt) -> None:
+    """Compute the teacher's outputs on every augmentation view of every training image, once (resumable)."""
+    from kdcli.engine import pipeline
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    resolved = _load(recipe, set_, False)
+    report = pipeline.cache_teacher(resolved, out, features, pipeline.resolve_device(device), batch_size, console)
+    manifest = report.manifest
+    size = sum(p.stat().st_size for p in report.folder.glob("shard-*.safetensors")) / 2**20
+    rate = report.computed_views / max(report.seconds, 1e-9)
+    _say(f"teacher cache: {manifest.images} images x {manifest.views} views, {' + '.join(manifest.outputs)} "
+         f"(fp16, {size:.1f} MiB) in {report.folder}")
+    _say(f"computed {report.computed_views} teacher forwards in {report.seconds:.1f}s ({rate:.0f}/s)"
+         if report.computed_views else "already complete: nothing computed")
+    hint = ("distill finds it by itself (teacher.cache: auto)" if out is None
+            else f"use it with --set teacher.cache={report.folder}")
+    _say(hint)
 
 
 # -- evaluate / export ----------------------------------------------------------------------------

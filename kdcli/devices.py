@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import torch

@@ -295,6 +295,9 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
 def _scalar(hint: Any, value: Any, key: str, source: str) -> Any:
     if hint is Any:
         return value
+    if hint is str and isinstance(value, bool):
+        # YAML 1.1 reads a bare `off`/`no`/`false` as False (and `on`/`yes`/`true` as True): give back the word.
+        return "on" if value else "off"
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

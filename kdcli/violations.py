@@ -158,7 +158,7 @@ def _measure_one(teacher: nn.Module, loader, kind: str, tau: float, alpha: float
     before, after, l1, roles = [], [], [], []
     projection_seconds = 0.0
     started = time.perf_counter()
-    for images, labels, _ in loader:
+    for images, labels, _, _ in loader:
         mixed = mix(kind, images, labels, alpha, mix_generator, per_sample=True)
         soft = F.softmax(teacher(mixed.images).float() / tau, dim=1)
         projected, ms = timed(project, soft, mixed.primary, mixed.secondary)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import pickle
+import struct
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +75,59 @@ def interrupted(monkeypatch):
             monkeypatch.setattr(Trainer, "_train_epoch", real_epoch)
 
     return run_killed
+
+
+# -- CIFAR files in the original format (Python 2 pickles), written from random pixels -----------------
+class _Python2Pickler(pickle._Pickler):
+    """Writes ``str`` and ``bytes`` as Python 2 strings (BINSTRING), as in the original CIFAR pickles.
+
+    Read back with ``encoding="bytes"`` they are bytes (keys like ``b"data"``), with ``encoding="latin1"``
+    (what torchvision uses) they are ``str``; numpy's array state is such a string too.
+    """
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_string(self, value: str | bytes) -> None:
+        data = value.encode("latin1") if isinstance(value, str) else value
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(value)
+
+    dispatch[str] = save_py2_string
+    dispatch[bytes] = save_py2_string
+
+
+def _write_py2_pickle(path: Path, obj: object) -> None:
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(obj)
+    path.write_bytes(buffer.getvalue())
+
+
+def _cifar_batch(n: int, label_key: str, num_classes: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    batch = {"batch_label": f"batch {seed}", "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+             label_key: rng.integers(0, num_classes, n).tolist(),
+             "filenames": [f"img_{seed}_{i}.png" for i in range(n)]}
+    if label_key == "fine_labels":
+        batch["coarse_labels"] = [label // 5 for label in batch[label_key]]
+    return batch
+
+
+def _write_cifar100(root: Path, n_train: int = 12, n_test: int = 5) -> dict[str, dict]:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    files = {"train": _cifar_batch(n_train, "fine_labels", 100, 1), "test": _cifar_batch(n_test, "fine_labels", 100, 2),
+             "meta": {"fine_label_names": [f"fine{i}" for i in range(100)],
+                      "coarse_label_names": [f"coarse{i}" for i in range(20)]}}
+    for name, content in files.items():
+        _write_py2_pickle(folder / name, content)
+    return files
+
+
+@pytest.fixture(scope="session")
+def cifar_files() -> SimpleNamespace:
+    """Writers of CIFAR files in the real format: ``batch(n, label_key, classes, seed)``, ``pickle(path, obj)``,
+    ``cifar100(root, n_train=12, n_test=5)`` (returns the written contents)."""
+    return SimpleNamespace(batch=_cifar_batch, pickle=_write_py2_pickle, cifar100=_write_cifar100)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import pickle
-import struct
 from pathlib import Path
 from urllib.error import URLError
 
@@ -140,56 +138,8 @@ def test_channel_stats_are_exact():
 
 
 # ----------------------------------------------------------------------------------------- CIFAR files
-class _Python2Pickler(pickle._Pickler):
-    """Writes ``str`` and ``bytes`` as Python 2 strings (BINSTRING), as in the original CIFAR pickles.
-
-    Read back with ``encoding="bytes"`` they are bytes (keys like ``b"data"``), with ``encoding="latin1"``
-    (what torchvision uses) they are ``str``; numpy's array state is such a string too.
-    """
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_py2_string(self, value: str | bytes) -> None:
-        data = value.encode("latin1") if isinstance(value, str) else value
-        if len(data) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
-        self.memoize(value)
-
-    dispatch[str] = save_py2_string
-    dispatch[bytes] = save_py2_string
-
-
-def _write_py2_pickle(path: Path, obj: object) -> None:
-    buffer = io.BytesIO()
-    _Python2Pickler(buffer, protocol=2).dump(obj)
-    path.write_bytes(buffer.getvalue())
-
-
-def _cifar_batch(n: int, label_key: str, num_classes: int, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    batch = {"batch_label": f"batch {seed}", "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-             label_key: rng.integers(0, num_classes, n).tolist(),
-             "filenames": [f"img_{seed}_{i}.png" for i in range(n)]}
-    if label_key == "fine_labels":
-        batch["coarse_labels"] = [label // 5 for label in batch[label_key]]
-    return batch
-
-
-def _write_cifar100(root: Path) -> dict[str, dict]:
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    files = {"train": _cifar_batch(12, "fine_labels", 100, 1), "test": _cifar_batch(5, "fine_labels", 100, 2),
-             "meta": {"fine_label_names": [f"fine{i}" for i in range(100)],
-                      "coarse_label_names": [f"coarse{i}" for i in range(20)]}}
-    for name, content in files.items():
-        _write_py2_pickle(folder / name, content)
-    return files
-
-
-def test_py2_pickle_matches_original_cifar_layout(tmp_path):
-    files = _write_cifar100(tmp_path)
+def test_py2_pickle_matches_original_cifar_layout(tmp_path, cifar_files):
+    files = cifar_files.cifar100(tmp_path)
     with open(tmp_path / "cifar-100-python" / "train", "rb") as handle:
         raw = pickle.load(handle, encoding="bytes")  # how the original files look when read as bytes
     assert set(raw) == {b"batch_label", b"data", b"fine_labels", b"coarse_labels", b"filenames"}
@@ -197,8 +147,8 @@ def test_py2_pickle_matches_original_cifar_layout(tmp_path):
     assert raw[b"filenames"][0] == files["train"]["filenames"][0].encode()
 
 
-def test_cifar100_reads_real_format_through_torchvision(tmp_path):
-    files = _write_cifar100(tmp_path)
+def test_cifar100_reads_real_format_through_torchvision(tmp_path, cifar_files):
+    files = cifar_files.cifar100(tmp_path)
     bundle = build_data(DataConfig("cifar100", root=str(tmp_path)))
     expected = torch.from_numpy(files["train"]["data"]).view(12, 3, 32, 32)
     assert torch.equal(bundle.train.images, expected)  # rows are R, G, B planes of 32x32
@@ -209,15 +159,15 @@ def test_cifar100_reads_real_format_through_torchvision(tmp_path):
     assert bundle.mean == (0.5071, 0.4867, 0.4408) and bundle.std == (0.2675, 0.2565, 0.2761)
 
 
-def test_cifar10_reads_real_format_through_torchvision(tmp_path):
+def test_cifar10_reads_real_format_through_torchvision(tmp_path, cifar_files):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
-    batches = [_cifar_batch(3, "labels", 10, seed) for seed in range(1, 6)]
+    batches = [cifar_files.batch(3, "labels", 10, seed) for seed in range(1, 6)]
     for i, batch in enumerate(batches, start=1):
-        _write_py2_pickle(folder / f"data_batch_{i}", batch)
-    _write_py2_pickle(folder / "test_batch", _cifar_batch(4, "labels", 10, 9))
+        cifar_files.pickle(folder / f"data_batch_{i}", batch)
+    cifar_files.pickle(folder / "test_batch", cifar_files.batch(4, "labels", 10, 9))
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    _write_py2_pickle(folder / "batches.meta", {"label_names": names, "num_cases_per_batch": 3, "num_vis": 3072})
+    cifar_files.pickle(folder / "batches.meta", {"label_names": names, "num_cases_per_batch": 3, "num_vis": 3072})
     bundle = build_data(DataConfig("cifar10", root=str(tmp_path), val_fraction=0.0))
     expected = torch.from_numpy(np.concatenate([b["data"] for b in batches])).view(15, 3, 32, 32)
     assert torch.equal(bundle.train.images, expected)
@@ -293,7 +243,7 @@ def _epoch(loader, epoch: int) -> list[tuple[torch.Tensor, ...]]:
 
 def _same_batches(a, b) -> bool:
     return len(a) == len(b) and all(
-        all(torch.equal(x, y) for x, y in zip(p, q, strict=True)) for p, q in zip(a, b, strict=True))
+        all(x is y is None or torch.equal(x, y) for x, y in zip(p, q, strict=True)) for p, q in zip(a, b, strict=True))
 
 
 def test_loader_is_reproducible_from_seed_and_epoch():
@@ -324,7 +274,7 @@ def test_train_and_eval_batching():
 
 def test_unaugmented_training_batch_is_exact_normalisation():
     split = _split(crop_padding=0, hflip=False)
-    images, labels, indices = next(iter(make_loader(split, 16, train=True, device=CPU, seed=0)))
+    images, labels, indices, _ = next(iter(make_loader(split, 16, train=True, device=CPU, seed=0)))
     assert images.dtype == torch.float32 and labels.dtype == torch.int64 and indices.dtype == torch.int64
     assert torch.equal(images, _normalise(split, split.images[indices]))
     assert torch.equal(labels, split.labels[indices])
@@ -332,7 +282,7 @@ def test_unaugmented_training_batch_is_exact_normalisation():
 
 def test_flips_are_mirror_images():
     split = _split(crop_padding=0, hflip=True)
-    images, _, indices = next(iter(make_loader(split, 50, train=True, device=CPU, seed=0)))
+    images, _, indices, _ = next(iter(make_loader(split, 50, train=True, device=CPU, seed=0)))
     plain = _normalise(split, split.images[indices])
     mirrored = torch.tensor([torch.equal(a, b.flip(-1)) for a, b in zip(images, plain, strict=True)])
     unchanged = torch.tensor([torch.equal(a, b) for a, b in zip(images, plain, strict=True)])
@@ -342,7 +292,7 @@ def test_flips_are_mirror_images():
 
 def test_crops_are_shifts_with_zero_padding_in_pixel_space():
     split = _split(crop_padding=2, hflip=False)
-    images, _, indices = next(iter(make_loader(split, 50, train=True, device=CPU, seed=0)))
+    images, _, indices, _ = next(iter(make_loader(split, 50, train=True, device=CPU, seed=0)))
     padded = _normalise(split, F.pad(split.images[indices], (2, 2, 2, 2)))  # pad with pixel value 0
     shifts = []
     for image, source in zip(images, padded, strict=True):
@@ -355,9 +305,9 @@ def test_crops_are_shifts_with_zero_padding_in_pixel_space():
 
 def test_channels_last_output():
     split = _split()
-    images, _, _ = next(iter(make_loader(split, 16, train=True, device=CPU, seed=0, channels_last=True)))
+    images, _, _, _ = next(iter(make_loader(split, 16, train=True, device=CPU, seed=0, channels_last=True)))
     assert images.is_contiguous(memory_format=torch.channels_last)
-    plain, _, _ = next(iter(make_loader(split, 16, train=True, device=CPU, seed=0)))
+    plain, _, _, _ = next(iter(make_loader(split, 16, train=True, device=CPU, seed=0)))
     assert plain.is_contiguous() and torch.equal(plain, images)
 
 
@@ -394,7 +344,7 @@ def test_imagefolder_tree(tmp_path):
     bundle = build_data(DataConfig("imagefolder", root=str(tmp_path), image_size=16, num_workers=0))
     assert bundle.class_names == ["apple", "sky"] and bundle.num_classes == 2 and bundle.image_size == 16
     assert (len(bundle.train), len(bundle.test)) == (8, 4) and bundle.train.labels.tolist() == [0] * 4 + [1] * 4
-    images, labels, indices = next(iter(make_loader(bundle.test, 4, train=False, device=CPU, seed=0)))
+    images, labels, indices, _ = next(iter(make_loader(bundle.test, 4, train=False, device=CPU, seed=0)))
     assert images.shape == (4, 3, 16, 16) and labels.tolist() == [0, 0, 1, 1] and indices.tolist() == [0, 1, 2, 3]
     centre_colour = (images[:, :, 8, 12] * torch.tensor(bundle.std) + torch.tensor(bundle.mean)) * 255
     # Right of the white band the resized, centre-cropped image shows the class colour.
@@ -427,5 +377,5 @@ def test_smoke_data_matches_recipe_shape():
     assert bundle.train.images.shape == (24, 3, 40, 40) and bundle.test.images.shape == (8, 3, 40, 40)
     assert bundle.num_classes == 100 and len(bundle.class_names) == 100 and bundle.image_size == 40
     assert bundle.val is None
-    images, labels, _ = next(iter(make_loader(bundle.train, 8, train=True, device=CPU, seed=0)))
+    images, labels, _, _ = next(iter(make_loader(bundle.train, 8, train=True, device=CPU, seed=0)))
     assert images.shape == (8, 3, 40, 40) and labels.max() < 100

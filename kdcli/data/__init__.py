@@ -10,15 +10,15 @@ Usage::
     loader = make_loader(bundle.train, 64, train=True, device=torch.device("cuda"), seed=0)
     for epoch in range(epochs):
         loader.set_epoch(epoch)
-        for images, labels, indices in loader: ...
+        for images, labels, indices, views in loader: ...
 """
 
 from kdcli.data.build import build_data, smoke_data
 from kdcli.data.folder import FolderSplit
-from kdcli.data.loader import BatchLoader, make_loader
+from kdcli.data.loader import BatchLoader, LoadedBatch, ViewGrid, make_loader
 from kdcli.data.spec import DataBundle, Split
 from kdcli.data.splits import TensorSplit
 from kdcli.recipes import DataConfig
 
-__all__ = ["BatchLoader", "DataBundle", "DataConfig", "FolderSplit", "Split", "TensorSplit", "build_data",
-           "make_loader", "smoke_data"]
+__all__ = ["BatchLoader", "DataBundle", "DataConfig", "FolderSplit", "LoadedBatch", "Split", "TensorSplit", "ViewGrid",
+           "build_data", "make_loader", "smoke_data"]

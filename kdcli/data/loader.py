@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,53 @@ from kdcli.data.folder import EpochView, FolderSplit
 from kdcli.data.seeding import derive_seed, generator
 from kdcli.data.splits import TensorSplit
 
-Batch = tuple[Tensor, Tensor, Tensor]
+
+class LoadedBatch(NamedTuple):
+    """A batch on the device: normalised images, labels, positions in the split, and the augmentation view
+    of each image (:class:`ViewGrid` ids; ``None`` for evaluation and for ImageFolder crops)."""
+
+    images: Tensor
+    labels: Tensor
+    indices: Tensor
+    views: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ViewGrid:
+    """The finite augmentation space of an in-memory split: crop offset ``(dy, dx)`` in ``0..2*padding``
+    times horizontal flip (when enabled), numbered ``((dy * (2p + 1)) + dx) * flips + flip``.
+
+    CIFAR's pad-4 crop and flip have ``9 * 9 * 2 = 162`` views, which is what makes an exact cache of the
+    teacher's outputs possible (:mod:`kdcli.engine.cache`).
+    """
+
+    padding: int
+    hflip: bool
+
+    @property
+    def flips(self) -> int:
+        return 2 if self.hflip else 1
+
+    @property
+    def count(self) -> int:
+        return (2 * self.padding + 1) ** 2 * self.flips
+
+    def ids(self, offsets: Tensor, flips: Tensor) -> Tensor:
+        """View ids of crop corners ``offsets`` (B, 2) and ``flips`` (B,)."""
+        side = 2 * self.padding + 1
+        return (offsets[:, 0] * side + offsets[:, 1]) * self.flips + flips.long()
+
+    def params(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``(offsets, flips)`` of view ids: the inverse of :meth:`ids`."""
+        side = 2 * self.padding + 1
+        position, flips = ids // self.flips, (ids % self.flips).bool()
+        return torch.stack([position // side, position % side], dim=1), flips
+
+
+def normalise(images: Tensor, mean: Tensor, std: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """uint8 ``(B, 3, H, W)`` -> float32 ``(x / 255 - mean) / std`` in ``memory_format`` (the one normalisation
+    of every training, evaluation and cached teacher input)."""
+    return images.float().div_(255).sub_(mean).div_(std).contiguous(memory_format=memory_format)
 
 
 def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int, shard: tuple[int, int] = (0, 1)) -> Tensor:
@@ -58,7 +106,7 @@ def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> T
 
 
 class BatchLoader:
-    """Iterable of ``(images, labels, indices)`` on ``device``; see :func:`make_loader`."""
+    """Iterable of :class:`LoadedBatch` on ``device``; see :func:`make_loader`."""
 
     def __init__(self, split: TensorSplit | FolderSplit, batch_size: int, *, train: bool, device: torch.device,
                  seed: int, drop_last: bool, channels_last: bool, shard: tuple[int, int]) -> None:
@@ -81,58 +129,60 @@ class BatchLoader:
         per_rank = math.ceil(len(self.split) / self.shard[1])
         return per_rank // self.batch_size if self._drops_last(per_rank) else math.ceil(per_rank / self.batch_size)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[LoadedBatch]:
         order = epoch_order(len(self.split), shuffle=self.train, seed=self.seed, epoch=self.epoch, shard=self.shard)
         batches = list(order.split(self.batch_size))[: len(self)]
         augment_seed = derive_seed("augment", self.seed, self.epoch, self.shard[0])
-        for images, labels, index in self._uint8_batches(batches, augment_seed):
-            yield self._normalise(images), labels, index
+        for images, labels, index, views in self._uint8_batches(batches, augment_seed):
+            yield LoadedBatch(normalise(images, self.mean, self.std, self.memory_format), labels, index, views)
 
     def _drops_last(self, per_rank: int) -> bool:
         # A split smaller than one batch still yields its partial batch, so training never silently skips.
         return self.drop_last and per_rank >= self.batch_size
 
-    def _normalise(self, images: Tensor) -> Tensor:
-        return images.float().div_(255).sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
-
-    def _uint8_batches(self, batches: list[Tensor], augment_seed: int) -> Iterator[Batch]:
-        """(uint8 images, labels, indices) on the device for each batch of split positions."""
+    def _uint8_batches(self, batches: list[Tensor], augment_seed: int) -> Iterator[LoadedBatch]:
+        """:class:`LoadedBatch` with uint8 images on the device for each batch of split positions."""
         if isinstance(self.split, TensorSplit):
             return self._tensor_batches(self.split, batches, augment_seed)
         return self._folder_batches(self.split, batches, augment_seed)
 
     def _tensor_batches(self, split: TensorSplit, batches: list[Tensor],
-                        augment_seed: int) -> Iterator[Batch]:
+                        augment_seed: int) -> Iterator[LoadedBatch]:
         images, labels = split.images_on(self.device), split.labels.to(self.device)
         augment = self.train and (split.crop_padding > 0 or split.hflip)
+        grid = ViewGrid(split.crop_padding, split.hflip)
         gen = torch.Generator().manual_seed(augment_seed)
         for index in batches:
             index = index.to(self.device, non_blocking=True)
-            batch = images[index]
-            if augment:
+            batch, views = images[index], None
+            if augment:  # the view is drawn first, then the image is cut to it
                 offsets = torch.randint(2 * split.crop_padding + 1, (index.numel(), 2), generator=gen)
                 flips = (torch.rand(index.numel(), generator=gen) < 0.5) & split.hflip
+                views = grid.ids(offsets, flips).to(self.device, non_blocking=True)
                 batch = crop_flip(batch, offsets.to(self.device), flips.to(self.device), split.crop_padding)
-            yield batch, labels[index], index
+            elif self.train:  # no crop and no flip: every image has the one view 0
+                views = torch.zeros(index.numel(), dtype=torch.int64, device=self.device)
+            yield LoadedBatch(batch, labels[index], index, views)
 
     def _folder_batches(self, split: FolderSplit, batches: list[Tensor],
-                        augment_seed: int) -> Iterator[Batch]:
+                        augment_seed: int) -> Iterator[LoadedBatch]:
         on_gpu = self.device.type == "cuda"
         loader = DataLoader(EpochView(split, augment_seed if self.train else None),
                             batch_sampler=[index.tolist() for index in batches], num_workers=split.num_workers,
                             pin_memory=on_gpu, generator=torch.Generator().manual_seed(augment_seed))
         for index, (images, labels) in zip(batches, loader, strict=True):
-            yield (images.to(self.device, non_blocking=on_gpu), labels.to(self.device, non_blocking=on_gpu),
-                   index.to(self.device))
+            yield LoadedBatch(images.to(self.device, non_blocking=on_gpu), labels.to(self.device, non_blocking=on_gpu),
+                              index.to(self.device))
 
 
 def make_loader(split: TensorSplit | FolderSplit, batch_size: int, *, train: bool, device: torch.device, seed: int,
                 drop_last: bool | None = None, channels_last: bool = False,
                 shard: tuple[int, int] = (0, 1)) -> BatchLoader:
-    """A :class:`BatchLoader` yielding ``(images, labels, indices)`` on ``device``.
+    """A :class:`BatchLoader` yielding :class:`LoadedBatch` ``(images, labels, indices, views)`` on ``device``.
 
     ``images`` are float32 ``(x / 255 - mean) / std`` (channels-last if asked), ``labels`` int64, ``indices``
-    the int64 positions of the batch in ``split``. Train loaders shuffle, augment (random crop with zero
+    the int64 positions of the batch in ``split``, ``views`` the :class:`ViewGrid` id of each training
+    crop of an in-memory split (else ``None``). Train loaders shuffle, augment (random crop with zero
     padding, horizontal flip) and drop the last partial batch; eval loaders keep dataset order, do not
     augment and keep the partial batch (``drop_last`` overrides). ``shard=(rank, world)`` gives each rank a
     disjoint, equal-size slice of every epoch. Call ``set_epoch`` before each epoch.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,10 @@ class TensorSplit:
     """A split held in memory: uint8 images (N, 3, H, W), int64 labels (N,), and how to feed them.
 
     ``mean``/``std`` are per channel on the [0, 1] scale; ``crop_padding``/``hflip`` configure the
-    training augmentation applied batch-wise on the device by :mod:`kdcli.data.loader`.
+    training augmentation applied batch-wise on the device by :mod:`kdcli.data.loader`. A split carved
+    out of another (:meth:`subset`) remembers the positions of its rows in the source (``origin``) and the
+    source's :meth:`digest`, so per-image data computed on the whole source (the teacher-output cache)
+    is found again under any carve-out.
     """
 
     images: Tensor
@@ -24,6 +28,8 @@ class TensorSplit:
     std: tuple[float, float, float]
     crop_padding: int = 4
     hflip: bool = True
+    origin: Tensor | None = None  # row -> position in the source split (None: this split is the source)
+    source_digest: str | None = None
     _on_device: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -44,7 +50,22 @@ class TensorSplit:
 
     def subset(self, index: Tensor) -> TensorSplit:
         """A new split with the rows ``index`` (copied, so the parent can be freed)."""
-        return TensorSplit(self.images[index], self.labels[index], self.mean, self.std, self.crop_padding, self.hflip)
+        return TensorSplit(self.images[index], self.labels[index], self.mean, self.std, self.crop_padding, self.hflip,
+                           origin=self.origins()[index], source_digest=self.digest())
+
+    def origins(self) -> Tensor:
+        """The position of every row in the source split."""
+        return self.origin if self.origin is not None else torch.arange(len(self))
+
+    def digest(self) -> str:
+        """SHA-256 of the source split's images and labels (hashed once)."""
+        if self.source_digest is None:
+            sha = hashlib.sha256()
+            sha.update(str((tuple(self.images.shape), tuple(self.labels.shape))).encode())
+            sha.update(self.images.contiguous().numpy().tobytes())
+            sha.update(self.labels.contiguous().numpy().tobytes())
+            self.source_digest = sha.hexdigest()
+        return self.source_digest
 
     def images_on(self, device: torch.device) -> Tensor:
         """The image tensor on ``device``, uploaded once and reused by every loader of this split."""

@@ -15,7 +15,7 @@ def predict(model: nn.Module, loader, precision: str = "fp32") -> tuple[Tensor, 
     """Run ``model`` over an evaluation loader; returns float32 logits, labels and dataset indices (CPU)."""
     model.eval()
     outputs, labels, indices = [], [], []
-    for images, target, index in loader:
+    for images, target, index, _ in loader:
         with autocast(images.device, precision):
             logits = model(images)
         outputs.append(logits.float().cpu())

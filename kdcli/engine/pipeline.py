@@ -26,18 +26,21 @@ from pathlib import Path
 import pandas as pd
 import torch
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from kdcli.data import DataBundle, build_data, smoke_data
+from kdcli.data import DataBundle, TensorSplit, build_data, smoke_data
 from kdcli.data.registry import DATASETS
 from kdcli.devices import resolve_precision
+from kdcli.engine.cache import CachedTeacher, Manifest, build, default_dir, fingerprint, open_cache
 from kdcli.engine.checkpoint import load_model
 from kdcli.engine.io import write_csv
-from kdcli.engine.step import build_method
+from kdcli.engine.step import TeacherSeam, build_method
 from kdcli.engine.trainer import RunContext, RunSummary, Trainer
 from kdcli.errors import UserError
 from kdcli.methods import get_method, validate_method_config
 from kdcli.methods.base import parse_params
+from kdcli.models import Taps
 from kdcli.recipes import Recipe, find_recipe, load_recipe
 
 SMOKE_STEPS = 2
@@ -133,7 +136,8 @@ def load_teacher(path: str, arch: str, num_classes: int, smoke: bool, console) -
 
 
 def run_stage(stage: str, method_name: str, networks: dict[str, str], teacher: nn.Module | None,
-              recipe: Recipe, data: DataBundle, ctx: RunContext, only: str | None = None) -> RunSummary:
+              recipe: Recipe, data: DataBundle, ctx: RunContext, only: str | None = None,
+              cache: CachedTeacher | None = None) -> RunSummary:
     """Train ``networks`` (name -> arch) with one method inside ``out_dir/stage``.
 
     ``only`` trains just that one of ``networks`` (the baseline of a multi-network method): all are still
@@ -150,7 +154,7 @@ def run_stage(stage: str, method_name: str, networks: dict[str, str], teacher: n
     method = build_method(stage_recipe.method, built, teacher, data.num_classes, data.image_size, ctx.device,
                           ctx.dist.world)
     stage_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / stage)
-    return Trainer(method, teacher, data, stage_recipe, stage_ctx, stage).fit()
+    return Trainer(method, teacher, data, stage_recipe, stage_ctx, stage, cache).fit()
 
 
 def train_teacher(recipe: Recipe, ctx: RunContext, smoke: bool) -> list[RunSummary]:
@@ -198,7 +202,7 @@ def distill(recipe: Recipe, ctx: RunContext, smoke: bool, teacher_checkpoint: st
     method_cls = get_method(recipe.method.name)
     data = prepare_data(recipe, smoke)
     summaries: list[RunSummary] = []
-    teacher = None
+    teacher, cache = None, None
     if method_cls.teacher_taps is not None:
         if recipe.teacher is None:
             raise UserError(f"method '{recipe.method.name}' needs a teacher; "
@@ -208,14 +212,69 @@ def distill(recipe: Recipe, ctx: RunContext, smoke: bool, teacher_checkpoint: st
             summaries += train_teacher(recipe, ctx, smoke)
             path = str(ctx.out_dir / TEACHER_CHECKPOINT)
         teacher = load_teacher(path, recipe.teacher.arch, data.num_classes, smoke, ctx.console).to(ctx.device)
+        cache = None if smoke else teacher_cache(recipe, teacher, data, ctx)
     student_arch = recipe.student.arch if recipe.student is not None else None
     networks = method_cls.networks_for(parse_params(method_cls, recipe.method.params), student_arch)
     if recipe.train.baseline:
         for name in networks:
             stage = "baseline" if len(networks) == 1 else f"baseline-{name}"
             summaries.append(run_stage(stage, "ce", networks, None, recipe, data, ctx, only=name))
-    summaries.append(run_stage(recipe.method.name, recipe.method.name, networks, teacher, recipe, data, ctx))
+    summaries.append(run_stage(recipe.method.name, recipe.method.name, networks, teacher, recipe, data, ctx,
+                               cache=cache))
     return summaries
+
+
+def teacher_cache(recipe: Recipe, teacher: nn.Module, data: DataBundle, ctx: RunContext) -> CachedTeacher | None:
+    """The teacher-output cache of ``teacher.cache`` (see :mod:`kdcli.engine.cache`), if it applies."""
+    setting = recipe.teacher.cache
+    if setting == "off":
+        return None
+    if not isinstance(data.train, TensorSplit):
+        if setting != "auto":
+            raise UserError(f"teacher.cache={setting}: teacher caches serve in-memory datasets (cifar10, cifar100, "
+                            "synthetic), whose augmentation has finitely many views; set teacher.cache=off")
+        return None
+    print_ = fingerprint(teacher, recipe.teacher.arch, data.train, recipe.data.dataset)
+    cache, note = open_cache(setting, print_, data.train.origins(), ctx.device)
+    if note:
+        ctx.console.print(note, highlight=False, markup=False)
+    return cache
+
+
+@dataclass
+class CacheReport:
+    folder: Path
+    manifest: Manifest
+    seconds: float
+    computed_views: int  # teacher forwards run by this call (0 when the cache was already complete)
+
+
+def cache_teacher(recipe: Recipe, out: Path | None, features: bool, device: torch.device, batch_size: int,
+                  console) -> CacheReport:
+    """Compute (or finish) the teacher-output cache of the recipe's teacher on its whole training split."""
+    if recipe.teacher is None:
+        raise UserError(f"recipe '{recipe.name}' has no 'teacher' section; add teacher.arch and teacher.checkpoint")
+    if recipe.teacher.checkpoint is None:
+        raise UserError(f"recipe '{recipe.name}' has no teacher.checkpoint to cache; train one with kdcli train-teacher "
+                        f"--recipe {recipe.name} --out runs/t and pass --set teacher.checkpoint=runs/t/{TEACHER_CHECKPOINT}")
+    data = build_data(dataclasses.replace(recipe.data, val_fraction=0.0))  # the cache covers every training image
+    if not isinstance(data.train, TensorSplit):
+        raise UserError(f"dataset '{recipe.data.dataset}': teacher caches serve in-memory datasets (cifar10, cifar100, "
+                        "synthetic), whose augmentation has finitely many views")
+    teacher = load_teacher(recipe.teacher.checkpoint, recipe.teacher.arch, data.num_classes, False, console).to(device)
+    print_ = fingerprint(teacher, recipe.teacher.arch, data.train, recipe.data.dataset)
+    folder = out or default_dir(print_)
+    seam = TeacherSeam(teacher, Taps(logits=True, pre_logits=features),
+                       resolve_precision(recipe.teacher.precision, device), recipe.teacher,
+                       recipe.train.channels_last, data.image_size)
+    started = time.perf_counter()
+    with Progress(TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("shards", total=None)
+        manifest, computed = build(seam.network, data.train, folder, print_, features=features, precision=seam.precision,
+                         device=device, batch_size=batch_size,
+                         progress=lambda done, total: bar.update(task, completed=done, total=total))
+    return CacheReport(folder, manifest, time.perf_counter() - started, computed)
 
 
 def results_frame(summaries: list[RunSummary], recipe: Recipe, ctx: RunContext, wall_seconds: float) -> pd.DataFrame:

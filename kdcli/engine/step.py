@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from kdcli.devices import autocast, resolve_precision
+from kdcli.engine.cache import CachedTeacher
 from kdcli.engine.distributed import DistEnv, wrap
 from kdcli.engine.optim import build_optimizers
 from kdcli.errors import UserError
@@ -74,7 +75,7 @@ class TeacherSeam:
     """
 
     def __init__(self, teacher: nn.Module, taps: Taps, precision: str, cfg: TeacherConfig | None = None,
-                 channels_last: bool = False, image_size: int = 32) -> None:
+                 channels_last: bool = False, image_size: int = 32, cache: CachedTeacher | None = None) -> None:
         cfg = cfg or TeacherConfig(fold_bn=False)
         network = teacher.eval().requires_grad_(False)
         if channels_last:
@@ -90,8 +91,23 @@ class TeacherSeam:
             network.compile()
         self.network, self.taps, self.precision = network, taps, precision
         self.channels_last, self.compiled = channels_last, cfg.compile
+        self.cache = cache if cache is not None and cache.serves(taps) else None
+        self.notes: list[str] = []  # lines for the log, taken by the trainer
+        if cache is not None and self.cache is None:
+            hint = " (rebuild the cache with kdcli cache-teacher --features)" if not taps.splits_forward or (
+                taps.pre_logits and not (taps.feature_map or taps.stages)) else ""
+            self.notes.append(f"the teacher cache holds {' and '.join(cache.outputs)} only and this method taps more "
+                              f"of the teacher: it runs live{hint}")
+        self._bypass_said = False
 
     def __call__(self, batch: Batch) -> Features:
+        if self.cache is not None:
+            if batch.views is not None and batch.mix is None:
+                return self.cache(batch.indices, batch.views)
+            if not self._bypass_said:
+                self._bypass_said = True
+                self.notes.append("the teacher sees images that are no cached view (mixed, or not from the "
+                                  "in-memory loader): the teacher runs live, the cache is bypassed")
         with torch.inference_mode(), autocast(batch.images.device, self.precision):
             out = forward_taps(self.network, batch.images, self.taps)
         # Outside inference mode a clone is an ordinary tensor, which autograd may save for backward
@@ -102,7 +118,8 @@ class TeacherSeam:
         """One line for the log: how the teacher runs."""
         parts = [self.precision, "channels-last" if self.channels_last else "contiguous",
                  f"{self.folded} BatchNorms folded", *(["compiled"] if self.compiled else [])]
-        return ", ".join(parts)
+        cached = f"; outputs replayed from the cache {self.cache.folder}" if self.cache is not None else ""
+        return ", ".join(parts) + cached
 
 
 def _memory(channels_last: bool) -> torch.memory_format:
@@ -131,7 +148,7 @@ class Engine:
     """The step seams of one method in one run (see the module docstring); owns optimisers and schedulers."""
 
     def __init__(self, method: Method, teacher: nn.Module | None, recipe: Recipe, epochs: int,
-                 dist: DistEnv | None = None) -> None:
+                 dist: DistEnv | None = None, cache: CachedTeacher | None = None) -> None:
         device = method.ctx.device
         self.method = method
         self.precision = resolve_precision(recipe.train.precision, device)
@@ -142,7 +159,7 @@ class Engine:
             teacher_cfg = recipe.teacher or TeacherConfig()
             self.teacher_seam = TeacherSeam(teacher, method.teacher_taps,
                                             resolve_precision(teacher_cfg.precision, device), teacher_cfg,
-                                            recipe.train.channels_last, method.ctx.image_size)
+                                            recipe.train.channels_last, method.ctx.image_size, cache)
         if recipe.train.compile:
             for network in method.networks.values():
                 network.compile()

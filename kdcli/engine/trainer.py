@@ -23,6 +23,7 @@ from torch import nn
 
 from kdcli.data import DataBundle, make_loader
 from kdcli.engine import checkpoint
+from kdcli.engine.cache import CachedTeacher
 from kdcli.engine.distributed import DistEnv, barrier
 from kdcli.engine.io import write_csv
 from kdcli.engine.metrics import classification_metrics, ensemble_logits, predict
@@ -72,9 +73,9 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 class Trainer:
     def __init__(self, method: Method, teacher: nn.Module | None, data: DataBundle, recipe: Recipe, ctx: RunContext,
-                 stage: str) -> None:
+                 stage: str, cache: CachedTeacher | None = None) -> None:
         self.method, self.data, self.recipe, self.ctx, self.stage = method, data, recipe, ctx, stage
-        self.engine = Engine(method, teacher, recipe, recipe.train.epochs, ctx.dist)
+        self.engine = Engine(method, teacher, recipe, recipe.train.epochs, ctx.dist, cache)
         self.dir = ctx.out_dir
         self.ckpt_dir = ctx.out_dir / "checkpoints"
         train = recipe.train
@@ -94,7 +95,8 @@ class Trainer:
         epochs = self.recipe.train.epochs
         seam = self.engine.teacher_seam
         if seam is not None and self.ctx.dist.is_main:
-            self.ctx.console.print(f"{self.stage}: teacher runs {seam.describe()}", highlight=False)
+            self.ctx.console.print(f"{self.stage}: teacher runs {seam.describe()}", highlight=False, markup=False)
+        self._say_notes()
         if self.ctx.resume and self._restore():
             where = escape(str(self.ckpt_dir))
             self.ctx.console.print(f"[cyan]{self.stage}[/]: resumed after epoch {self.start_epoch} from {where}")
@@ -126,11 +128,12 @@ class Trainer:
         shown = self._bar_shown()
         with self._progress() as progress:
             task = progress.add_task(f"{self.stage} epoch {epoch + 1}/{info.epochs}", total=steps, stats="")
-            for i, (images, labels, indices) in enumerate(loader):
+            for i, (images, labels, indices, views) in enumerate(loader):
                 if i >= steps:
                     break
                 info.step = self.step
-                out = self.engine.train_step(Batch(images, labels, indices), info)
+                out = self.engine.train_step(Batch(images, labels, indices, views=views), info)
+                self._say_notes()
                 for name, value in out.logs.items():
                     sums[name] = sums.get(name, 0.0) + value
                 correct += (out.logits.argmax(1) == labels).sum()
@@ -149,6 +152,13 @@ class Trainer:
         row.update({"train_top1": 100.0 * correct.item() / max(seen, 1), "seconds": seconds,
                     "images_per_s": seen * self.ctx.dist.world / max(seconds, 1e-9)})
         return row
+
+    def _say_notes(self) -> None:
+        seam = self.engine.teacher_seam
+        while seam is not None and seam.notes:
+            line = seam.notes.pop(0)
+            if self.ctx.dist.is_main:
+                self.ctx.console.print(f"{self.stage}: {line}", highlight=False, markup=False)
 
     def _report(self, row: dict[str, Any]) -> None:
         """One line per epoch: the progress bar is transient, and absent in pipes and CI logs."""

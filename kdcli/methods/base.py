@@ -37,12 +37,17 @@ Outputs = dict[str, Features]  # network name -> what its pass produced
 
 @dataclass
 class Batch:
-    """One training batch; ``mix`` is set by a method's :meth:`Method.view` when it mixes the images."""
+    """One training batch; ``mix`` is set by a method's :meth:`Method.view` when it mixes the images.
+
+    ``views`` are the loader's augmentation view ids (:class:`kdcli.data.ViewGrid`) of the images, which
+    let the engine replay cached teacher outputs; a view that changes the images must drop them.
+    """
 
     images: Tensor
     labels: Tensor
     indices: Tensor
     mix: MixedBatch | None = None
+    views: Tensor | None = None
 
 
 @dataclass

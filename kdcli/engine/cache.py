@@ -1,0 +1,248 @@
+"""An exact cache of a frozen teacher's outputs for every augmentation view of every training image.
+
+CIFAR's training augmentation is finite: a pad-4 random crop (81 corners) times a horizontal flip is
+162 views of each 32x32 image (:class:`kdcli.data.ViewGrid`). The teacher is frozen, so its output on
+a view never changes: ``kdcli cache-teacher`` computes it once for every view of every training image
+(logits, and pre-logit features when asked, stored as fp16), and ``distill`` then looks up the view the
+loader drew instead of running the teacher (:class:`CachedTeacher`, behind the engine's teacher seam).
+
+On disk a cache is a folder::
+
+    manifest.json            fingerprint, outputs, shapes, progress
+    shard-00000.safetensors  outputs of images [0, shard_images) as (n, views, dim) fp16 tensors
+    ...
+
+Shards are written atomically one at a time, so a killed build resumes where it stopped. The
+fingerprint names what the outputs depend on (teacher architecture and weights, dataset contents,
+augmentation grid and normalisation, kdcli version); a run whose fingerprint differs is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from kdcli.data import TensorSplit, ViewGrid
+from kdcli.data.loader import crop_flip, normalise
+from kdcli.devices import autocast
+from kdcli.engine.io import atomic_save, write_json
+from kdcli.errors import UserError
+from kdcli.models import Features, Taps, forward_taps
+
+FORMAT = 1
+SHARD_IMAGES = 256
+OUTPUTS = ("logits", "pre_logits")
+
+
+def cache_root() -> Path:
+    """``$KDCLI_CACHE`` or ``~/.cache/kdcli``: the parent of the default teacher-cache folders."""
+    return Path(os.environ.get("KDCLI_CACHE", "~/.cache/kdcli")).expanduser()
+
+
+def fingerprint(teacher: nn.Module, arch: str, split: TensorSplit, dataset: str) -> dict[str, object]:
+    """What a teacher's outputs on the views of ``split``'s source depend on."""
+    import kdcli
+
+    return {
+        "format": FORMAT, "kdcli": kdcli.__version__, "teacher_arch": arch, "teacher_weights": weights_digest(teacher),
+        "dataset": dataset, "data": split.digest(), "crop_padding": split.crop_padding, "hflip": split.hflip,
+        "mean": list(split.mean), "std": list(split.std),
+    }
+
+
+def weights_digest(network: nn.Module) -> str:
+    """SHA-256 of a network's state (names, dtypes, shapes and values)."""
+    sha = hashlib.sha256()
+    for name, tensor in network.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        sha.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        sha.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return sha.hexdigest()
+
+
+def default_dir(print_: dict[str, object]) -> Path:
+    """The shared cache folder of a fingerprint: every run of that teacher on that data finds it."""
+    key = hashlib.sha256(json.dumps(print_, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "teacher-outputs" / f"{print_['teacher_arch']}-{print_['dataset']}-{key}"
+
+
+@dataclass
+class Manifest:
+    fingerprint: dict[str, object]
+    outputs: list[str]
+    images: int
+    views: int
+    shard_images: int
+    precision: str
+
+    @property
+    def shards(self) -> int:
+        return -(-self.images // self.shard_images)
+
+    def shard_path(self, folder: Path, index: int) -> Path:
+        return folder / f"shard-{index:05d}.safetensors"
+
+    def missing(self, folder: Path) -> list[int]:
+        return [i for i in range(self.shards) if not self.shard_path(folder, i).is_file()]
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest | None:
+        path = folder / "manifest.json"
+        if not path.is_file():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as error:
+            raise UserError(f"teacher cache {folder}: manifest.json is unreadable ({error}); delete the folder and "
+                            "run kdcli cache-teacher again") from None
+
+
+def differences(cached: dict[str, object], wanted: dict[str, object]) -> list[str]:
+    """The fingerprint fields that differ, as ``field (cache X, run Y)``; digests are shortened."""
+    def short(value: object) -> str:
+        return value[:12] if isinstance(value, str) and len(value) == 64 else str(value)
+
+    return [f"{key} (cache {short(cached.get(key))}, run {short(wanted.get(key))})"
+            for key in sorted(set(cached) | set(wanted)) if cached.get(key) != wanted.get(key)]
+
+
+# -- building ----------------------------------------------------------------------------------------
+def build(network: nn.Module, split: TensorSplit, folder: Path, print_: dict[str, object], *, features: bool,
+          precision: str, device: torch.device, batch_size: int = 1024,
+          progress: Callable[[int, int], None] | None = None) -> tuple[Manifest, int]:
+    """Compute (or finish) the cache of ``network`` on every view of every image of ``split`` in ``folder``.
+
+    ``network`` is the teacher prepared as the engine runs it (eval mode, folded, channels-last), so a
+    cached output equals a live teacher call up to fp16 rounding. ``split`` must be the whole source
+    (no carve-out). ``progress(done, total)`` is called after each shard. Returns the manifest and the
+    number of teacher forwards this call ran (0 when the cache was complete).
+    """
+    if split.origin is not None:
+        raise ValueError("build the cache on the whole training split, not a carve-out")
+    outputs = ["logits", "pre_logits"] if features else ["logits"]
+    grid = ViewGrid(split.crop_padding, split.hflip)
+    manifest = Manifest(print_, outputs, len(split), grid.count, SHARD_IMAGES, precision)
+    existing = Manifest.read(folder)
+    if existing is not None and (existing.fingerprint, existing.outputs) != (print_, outputs):
+        what = differences(existing.fingerprint, print_) or [f"outputs (cache {existing.outputs}, run {outputs})"]
+        raise UserError(f"{folder} holds a teacher cache for something else: {'; '.join(what)}; "
+                        "choose another --out or delete that folder")
+    if existing is not None:
+        manifest = existing
+    write_json(folder / "manifest.json", vars(manifest))
+    todo, forwards = manifest.missing(folder), 0
+    if progress is not None:
+        progress(manifest.shards - len(todo), manifest.shards)
+    for done, index in enumerate(todo, start=1):
+        first = index * manifest.shard_images
+        rows = torch.arange(first, min(first + manifest.shard_images, manifest.images))
+        tensors = _shard(network, split, rows, grid, outputs, precision, device, batch_size)
+        atomic_save(manifest.shard_path(folder, index), lambda tmp, t=tensors: save_file(t, tmp))
+        forwards += rows.numel() * grid.count
+        if progress is not None:
+            progress(manifest.shards - len(todo) + done, manifest.shards)
+    return manifest, forwards
+
+
+@torch.inference_mode()
+def _shard(network: nn.Module, split: TensorSplit, rows: Tensor, grid: ViewGrid, outputs: list[str], precision: str,
+           device: torch.device, batch_size: int) -> dict[str, Tensor]:
+    """The outputs of every view of images ``rows``: ``{name: (len(rows), views, dim) fp16}``."""
+    views = torch.arange(grid.count)
+    image_of = rows.repeat_interleave(grid.count)  # (rows x views), view-major within an image
+    view_of = views.repeat(rows.numel())
+    mean = torch.tensor(split.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(split.std, device=device).view(1, 3, 1, 1)
+    memory = torch.channels_last if _channels_last(network) else torch.contiguous_format
+    taps = Taps(logits=True, pre_logits="pre_logits" in outputs)
+    chunks: dict[str, list[Tensor]] = {name: [] for name in outputs}
+    for start in range(0, image_of.numel(), batch_size):
+        images = split.images[image_of[start:start + batch_size]].to(device)
+        offsets, flips = grid.params(view_of[start:start + batch_size])
+        images = crop_flip(images, offsets.to(device), flips.to(device), grid.padding)
+        with autocast(device, precision):
+            out = forward_taps(network, normalise(images, mean, std, memory), taps)
+        for name in outputs:
+            chunks[name].append(getattr(out, name).half().cpu())
+    return {name: torch.cat(parts).view(rows.numel(), grid.count, -1).contiguous() for name, parts in chunks.items()}
+
+
+def _channels_last(network: nn.Module) -> bool:
+    weight = next((p for p in network.parameters() if p.dim() == 4), None)
+    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
+# -- replaying ---------------------------------------------------------------------------------------
+class CachedTeacher:
+    """The teacher's cached outputs, looked up by (image, view): the engine's teacher seam replays them.
+
+    ``origin`` maps the training split's rows to rows of the cache (the cache covers the whole source
+    split, so it serves any validation carve-out of it).
+    """
+
+    def __init__(self, folder: Path, manifest: Manifest, origin: Tensor, device: torch.device) -> None:
+        self.folder, self.manifest = folder, manifest
+        self.outputs = {name: self._load(name, device) for name in manifest.outputs}
+        self.origin = origin.to(device)
+
+    def _load(self, name: str, device: torch.device) -> Tensor:
+        manifest, parts = self.manifest, []
+        for index in range(manifest.shards):
+            path = manifest.shard_path(self.folder, index)
+            try:
+                parts.append(load_file(str(path))[name])
+            except (SafetensorError, OSError, KeyError) as error:
+                raise UserError(f"teacher cache shard {path} is unreadable ({type(error).__name__}); delete it and run "
+                                "kdcli cache-teacher again to recompute it") from None
+        return torch.cat(parts).to(device)
+
+    def serves(self, taps: Taps) -> bool:
+        """Whether the cache holds every output ``taps`` asks for."""
+        wanted = {"logits"} if taps.logits else set()
+        wanted |= {"pre_logits"} if taps.pre_logits else set()
+        return not (taps.feature_map or taps.stages) and wanted <= set(self.outputs)
+
+    def __call__(self, indices: Tensor, views: Tensor) -> Features:
+        """float32 outputs of the views ``views`` of the split's images ``indices``."""
+        rows = self.origin[indices]
+        found = {name: table[rows, views].float() for name, table in self.outputs.items()}
+        return Features(logits=found.get("logits"), pre_logits=found.get("pre_logits"))
+
+
+def open_cache(setting: str, print_: dict[str, object], origin: Tensor,
+               device: torch.device) -> tuple[CachedTeacher | None, str]:
+    """The cache a run asked for (``teacher.cache``: ``auto``, ``off`` or a folder) and a line saying why/why not.
+
+    ``auto`` uses the default folder of ``print_`` when it is complete; a named folder must exist, be
+    complete and match ``print_`` (else :class:`UserError` naming what differs).
+    """
+    if setting == "off":
+        return None, ""
+    folder = default_dir(print_) if setting == "auto" else Path(setting).expanduser()
+    manifest = Manifest.read(folder)
+    if manifest is None:
+        if setting == "auto":
+            return None, ""
+        raise UserError(f"teacher.cache {folder} holds no teacher cache (no manifest.json); build one with "
+                        "kdcli cache-teacher --recipe <recipe> --out <folder>, or set teacher.cache=auto")
+    what = differences(manifest.fingerprint, print_)
+    if what:
+        raise UserError(f"teacher cache {folder} does not match this run: {'; '.join(what)}; rebuild it with "
+                        "kdcli cache-teacher, or set teacher.cache=off")
+    missing = manifest.missing(folder)
+    if missing:
+        note = (f"teacher cache {folder} is incomplete ({manifest.shards - len(missing)}/{manifest.shards} shards); "
+                "running the teacher (finish it with the same kdcli cache-teacher command)")
+        if setting == "auto":
+            return None, note
+        raise UserError(note.partition(";")[0] + "; finish it with the same kdcli cache-teacher command")
+    return CachedTeacher(folder, manifest, origin, device), f"teacher outputs replayed from {folder}"

@@ -7,13 +7,14 @@ Stable Python API::
     model = kdcli.load_model("resnet32x4_vanilla/ckpt_epoch_240.pth", arch="resnet32x4")
     loss = kdcli.losses.kd(student_logits, teacher_logits, temperature=4.0)
 
-Importing kdcli registers the CIFAR model zoo in timm, so ``timm.create_model("resnet8x4")`` works.
+``kdcli.losses``, ``kdcli.models`` and ``kdcli.load_model`` are imported on first use, so ``import kdcli``
+(and the command line's start-up) does not pay for torch. Importing ``kdcli.models`` registers the CIFAR
+model zoo in timm, so ``timm.create_model("resnet8x4")`` works after it.
 """
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-
-from kdcli import losses, models  # noqa: F401  (models registers the zoo in timm)
-from kdcli.engine.checkpoint import load_model
+from typing import Any
 
 try:
     __version__ = version("kdcli")
@@ -21,3 +22,11 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.1.0+source"
 
 __all__ = ["load_model", "losses", "models", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("losses", "models"):
+        return import_module(f"kdcli.{name}")
+    if name == "load_model":
+        return import_module("kdcli.engine.checkpoint").load_model
+    raise AttributeError(f"module 'kdcli' has no attribute {name!r}")

@@ -29,6 +29,14 @@ def _few_threads() -> None:
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory) -> None:
+    """kdcli's cache folder (teacher outputs, listings) inside the test's tmp dir, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KDCLI_CACHE", str(tmp_path_factory.mktemp("kdcli-cache")))
+        yield
+
+
 def _write_tiny(path: Path, method: str = "kd", epochs: int = 2, baseline: bool = False) -> Path:
     path.write_text(TINY.format(method=method, epochs=epochs, baseline=str(baseline).lower()))
     return path

@@ -22,7 +22,7 @@ LAYERS = {
     "models": 3,
     "methods": 4,
     "engine": 5,
-    "violations": 6, "bench": 6,
+    "violations": 6, "bench": 6, "catalog": 6,
     "cli": 7, "__main__": 8,
 }
 

@@ -207,3 +207,36 @@ def test_quickstart_runs_with_every_method_via_set(method: str, tmp_path: Path) 
     frame = pd.read_csv(tmp_path / "results.csv")
     first = "baseline-net1" if method == "afd" else "teacher"  # afd trains its networks online, no teacher
     assert frame["stage"].iloc[0] == first and frame["stage"].iloc[-1] == method
+
+
+def test_listings_are_remembered_until_the_source_changes(monkeypatch) -> None:
+    from kdcli import catalog
+
+    calls = []
+
+    def build():
+        calls.append(1)
+        return [{"name": "x", "params": 3}]
+
+    monkeypatch.setattr(catalog, "_source_key", lambda: "key-1")
+    assert catalog.listing("probe", build) == [{"name": "x", "params": 3}]
+    assert catalog.listing("probe", build) == [{"name": "x", "params": 3}] and len(calls) == 1  # remembered
+    monkeypatch.setattr(catalog, "_source_key", lambda: "key-2")  # an edited or added source file
+    catalog.listing("probe", build)
+    assert len(calls) == 2
+
+
+def test_help_and_listings_do_not_import_torch(tmp_path: Path) -> None:
+    """`kdcli --help` and `kdcli list recipes` never load torch (seconds of start-up); `list methods` does so
+    only the first time after the source changes."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "KDCLI_CACHE": str(tmp_path)}
+    probe = ("import sys, runpy; sys.argv = ['kdcli'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_module('kdcli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    for args, torch_loaded in ((["--help"], False), (["list", "recipes"], False), (["list", "methods"], True),
+                               (["list", "methods"], False)):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env, check=True)
+        assert out.stdout.strip().endswith("NO-TORCH") != torch_loaded, (args, out.stdout[-300:])

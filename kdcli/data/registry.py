@@ -20,6 +20,7 @@ class DatasetInfo:
     num_classes: int | None  # None: from the recipe (synthetic) or the folder tree (imagefolder)
     mean: Triple | None  # None: computed from the training images
     std: Triple | None
+    train_images: int | None = None  # None: from the recipe (synthetic) or the folder tree (imagefolder)
 
 
 IMAGENET_MEAN: Triple = (0.485, 0.456, 0.406)
@@ -27,7 +28,7 @@ IMAGENET_STD: Triple = (0.229, 0.224, 0.225)
 
 DATASETS: dict[str, DatasetInfo] = {
     "synthetic": DatasetInfo("built-in synthetic", None, None, None),
-    "cifar10": DatasetInfo("CIFAR-10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetInfo("CIFAR-100", 100, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "cifar10": DatasetInfo("CIFAR-10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 50_000),
+    "cifar100": DatasetInfo("CIFAR-100", 100, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), 50_000),
     "imagefolder": DatasetInfo("ImageFolder", None, IMAGENET_MEAN, IMAGENET_STD),
 }

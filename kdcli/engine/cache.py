@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,18 +33,13 @@ from torch import Tensor, nn
 from kdcli.data import TensorSplit, ViewGrid
 from kdcli.data.loader import crop_flip, normalise
 from kdcli.devices import autocast
-from kdcli.engine.io import atomic_save, write_json
+from kdcli.engine.io import atomic_save, cache_root, write_json
 from kdcli.errors import UserError
 from kdcli.models import Features, Taps, forward_taps
 
 FORMAT = 1
 SHARD_IMAGES = 256
 OUTPUTS = ("logits", "pre_logits")
-
-
-def cache_root() -> Path:
-    """``$KDCLI_CACHE`` or ``~/.cache/kdcli``: the parent of the default teacher-cache folders."""
-    return Path(os.environ.get("KDCLI_CACHE", "~/.cache/kdcli")).expanduser()
 
 
 def fingerprint(teacher: nn.Module, arch: str, split: TensorSplit, dataset: str) -> dict[str, object]:
@@ -189,21 +183,24 @@ class CachedTeacher:
     split, so it serves any validation carve-out of it).
     """
 
-    def __init__(self, folder: Path, manifest: Manifest, origin: Tensor, device: torch.device) -> None:
-        self.folder, self.manifest = folder, manifest
-        self.outputs = {name: self._load(name, device) for name in manifest.outputs}
-        self.origin = origin.to(device)
+    def __init__(self, outputs: dict[str, Tensor], origin: Tensor, folder: Path | None = None) -> None:
+        """``outputs``: name -> (images, views, dim) table on the run's device; ``origin`` on that device too."""
+        self.outputs, self.origin, self.folder = outputs, origin, folder
 
-    def _load(self, name: str, device: torch.device) -> Tensor:
-        manifest, parts = self.manifest, []
+    @classmethod
+    def load(cls, folder: Path, manifest: Manifest, origin: Tensor, device: torch.device) -> CachedTeacher:
+        """Read every shard of a complete cache into one table per output, on ``device``."""
+        parts: dict[str, list[Tensor]] = {name: [] for name in manifest.outputs}
         for index in range(manifest.shards):
-            path = manifest.shard_path(self.folder, index)
+            path = manifest.shard_path(folder, index)
             try:
-                parts.append(load_file(str(path))[name])
+                shard = load_file(str(path))
+                for name in manifest.outputs:
+                    parts[name].append(shard[name])
             except (SafetensorError, OSError, KeyError) as error:
                 raise UserError(f"teacher cache shard {path} is unreadable ({type(error).__name__}); delete it and run "
                                 "kdcli cache-teacher again to recompute it") from None
-        return torch.cat(parts).to(device)
+        return cls({name: torch.cat(tables).to(device) for name, tables in parts.items()}, origin.to(device), folder)
 
     def serves(self, taps: Taps) -> bool:
         """Whether the cache holds every output ``taps`` asks for."""
@@ -245,4 +242,4 @@ def open_cache(setting: str, print_: dict[str, object], origin: Tensor,
         if setting == "auto":
             return None, note
         raise UserError(note.partition(";")[0] + "; finish it with the same kdcli cache-teacher command")
-    return CachedTeacher(folder, manifest, origin, device), f"teacher outputs replayed from {folder}"
+    return CachedTeacher.load(folder, manifest, origin, device), f"teacher outputs replayed from {folder}"

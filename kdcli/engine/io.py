@@ -11,9 +11,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas loads on first use, so the command line starts fast
+    import pandas as pd
+
+
+def cache_root() -> Path:
+    """``$KDCLI_CACHE`` or ``~/.cache/kdcli``: where kdcli keeps what it can recompute (teacher outputs, listings)."""
+    return Path(os.environ.get("KDCLI_CACHE", "~/.cache/kdcli")).expanduser()
 
 
 @contextlib.contextmanager
@@ -63,6 +69,8 @@ def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
 
 def append_csv_row(path: str | Path, row: dict[str, Any]) -> pd.DataFrame:
     """Append one row to a CSV table (rewritten atomically; columns are the union of old and new)."""
+    import pandas as pd
+
     path = Path(path)
     old = pd.read_csv(path) if path.exists() else pd.DataFrame()
     frame = pd.concat([old, pd.DataFrame([row])], ignore_index=True)

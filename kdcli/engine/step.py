@@ -56,14 +56,14 @@ def _shapes(network: nn.Module, image_size: int, taps: Taps, num_classes: int) -
 
 def method_engine(cfg: MethodConfig, networks: dict[str, nn.Module], teacher: nn.Module | None, num_classes: int,
                   image_size: int = 32, recipe: Recipe | None = None, epochs: int = 1,
-                  device: torch.device | None = None) -> Engine:
+                  device: torch.device | None = None, cache: CachedTeacher | None = None) -> Engine:
     """A method over ``networks`` and its engine in one process, e.g. for tests, benchmarks and notebooks.
 
     ``recipe`` supplies the optimiser, schedule and precision (defaults: a default :class:`Recipe`).
     """
     device = device or next(next(iter(networks.values())).parameters()).device
     method = build_method(cfg, networks, teacher, num_classes, image_size, device)
-    return Engine(method, teacher, dataclasses.replace(recipe or Recipe(), method=cfg), epochs)
+    return Engine(method, teacher, dataclasses.replace(recipe or Recipe(), method=cfg), epochs, cache=cache)
 
 
 class TeacherSeam:
@@ -77,25 +77,13 @@ class TeacherSeam:
     def __init__(self, teacher: nn.Module, taps: Taps, precision: str, cfg: TeacherConfig | None = None,
                  channels_last: bool = False, image_size: int = 32, cache: CachedTeacher | None = None) -> None:
         cfg = cfg or TeacherConfig(fold_bn=False)
-        network = teacher.eval().requires_grad_(False)
-        if channels_last:
-            network = network.to(memory_format=torch.channels_last)
-        self.folded = 0
-        if cfg.fold_bn:
-            device = next(network.parameters(), torch.empty(0)).device
-            # Its own generator: preparing the teacher must not move the run's global random stream.
-            example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-            example = example.to(device).contiguous(memory_format=_memory(channels_last))
-            network, self.folded = fold_batchnorm(network, example)
-        if cfg.compile:
-            network.compile()
-        self.network, self.taps, self.precision = network, taps, precision
+        self.network, self.folded = _prepare(teacher, cfg, channels_last, image_size)
+        self.taps, self.precision = taps, precision
         self.channels_last, self.compiled = channels_last, cfg.compile
         self.cache = cache if cache is not None and cache.serves(taps) else None
         self.notes: list[str] = []  # lines for the log, taken by the trainer
         if cache is not None and self.cache is None:
-            hint = " (rebuild the cache with kdcli cache-teacher --features)" if not taps.splits_forward or (
-                taps.pre_logits and not (taps.feature_map or taps.stages)) else ""
+            hint = " (cache-teacher --features adds pre-logits)" if not (taps.feature_map or taps.stages) else ""
             self.notes.append(f"the teacher cache holds {' and '.join(cache.outputs)} only and this method taps more "
                               f"of the teacher: it runs live{hint}")
         self._bypass_said = False
@@ -118,12 +106,24 @@ class TeacherSeam:
         """One line for the log: how the teacher runs."""
         parts = [self.precision, "channels-last" if self.channels_last else "contiguous",
                  f"{self.folded} BatchNorms folded", *(["compiled"] if self.compiled else [])]
-        cached = f"; outputs replayed from the cache {self.cache.folder}" if self.cache is not None else ""
+        cached = f"; outputs replayed from the cache {self.cache.folder or 'in memory'}" if self.cache is not None else ""
         return ", ".join(parts) + cached
 
 
-def _memory(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.contiguous_format
+def _prepare(teacher: nn.Module, cfg: TeacherConfig, channels_last: bool, image_size: int) -> tuple[nn.Module, int]:
+    """The teacher ready for inference, and how many BatchNorms were folded."""
+    network = teacher.eval().requires_grad_(False)
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    network = network.to(memory_format=memory)
+    folded = 0
+    if cfg.fold_bn:
+        device = next(network.parameters(), torch.empty(0)).device
+        # Its own generator: preparing the teacher must not move the run's global random stream.
+        example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+        network, folded = fold_batchnorm(network, example.to(device).contiguous(memory_format=memory))
+    if cfg.compile:
+        network.compile()
+    return network, folded
 
 
 def _clone(value: Tensor | tuple[Tensor, ...] | None) -> Any:

@@ -1,4 +1,4 @@
-"""Micro-benchmarks of kdcli's numerical kernels, and the timing helpers they share.
+"""Micro-benchmarks of the isotonic projection (``kdcli bench isotonic``).
 
 :func:`bench_isotonic` times the batched IDA projection (:func:`kdcli.isotonic.project`) against the
 per-sample reference loop (:func:`kdcli.isotonic.project_loop`) on the same inputs in one run;
@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from kdcli.augment import label_roles
+from kdcli.bench.timing import intra_op_threads, median_ms, repeat
 from kdcli.devices import timed
 from kdcli.isotonic import project, project_loop
 from kdcli.recipes import Recipe
@@ -71,7 +70,7 @@ def bench_isotonic(devices: list[str] | None = None, batch: int = 128, classes: 
     devices = devices if devices is not None else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     generator = torch.Generator().manual_seed(seed)
     rows = []
-    with _intra_op_threads(num_threads):
+    with intra_op_threads(num_threads):
         for num_classes in classes:
             inputs = teacher_like_batch(batch, num_classes, generator, logit_noise)
             for device in devices:
@@ -92,32 +91,11 @@ def _bench_one(device: str, inputs: list[Tensor], repeats: int, block_ms: float 
     times: dict[str, list[float]] = {"batched": [], "loop": []}
     for _ in range(repeats):  # alternating blocks: background load hits both implementations alike
         for name, solver in solvers.items():
-            times[name].append(timed(_repeat, solver, calls[name], *inputs, device=values.device)[1] / calls[name])
+            times[name].append(timed(repeat, solver, calls[name], *inputs, device=values.device)[1] / calls[name])
     batched_ms, loop_ms = statistics.median(times["batched"]), statistics.median(times["loop"])
     diff = (project(*inputs).double() - project_loop(*inputs).double()).abs().max().item()
     return {"device": device, "B": values.shape[0], "C": values.shape[1], "batched_ms": batched_ms,
             "loop_ms": loop_ms, "speedup": loop_ms / batched_ms, "max_abs_diff": diff}
-
-
-def _repeat(call: Callable[..., object], times: int, *args: object) -> None:
-    for _ in range(times):
-        call(*args)
-
-
-def _median_ms(call: Callable[..., object], *args: object, repeats: int, device: torch.device | None = None) -> float:
-    call(*args)  # warm-up: allocator, kernels, lazy initialisation
-    return statistics.median(timed(call, *args, device=device)[1] for _ in range(repeats))
-
-
-@contextmanager
-def _intra_op_threads(num_threads: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # -- the cost of the correction in a training step ------------------------------------------------
@@ -127,7 +105,7 @@ def bench_ida_step(device: torch.device, batch: int = 64, repeats: int = 3, seed
 
     The networks are the recipe's (by default resnet32x4 -> resnet8x4 with 100 classes; random weights:
     the step time does not depend on them), the batch is random 32x32 images. The projection is timed on a teacher-like
-    batch of the same size (:func:`kdcli.bench.teacher_like_batch`, most rows violating), as it runs
+    batch of the same size (:func:`teacher_like_batch`, most rows violating), as it runs
     inside the ida step. Returns one row: ``device, B, C, teacher, student, kd_aug_step_ms, ida_step_ms,
     projection_ms, projection_share`` (= projection_ms / ida_step_ms) and ``ida_over_kd_aug``.
     """
@@ -143,7 +121,7 @@ def bench_ida_step(device: torch.device, batch: int = 64, repeats: int = 3, seed
     step_ms = {name: _step_ms(name, recipe, teacher, classes, images, labels, repeats, seed)
                for name in ("kd-aug", "ida")}
     soft, primary, secondary = (t.to(device) for t in teacher_like_batch(batch, classes, inputs))
-    projection_ms = _median_ms(project, soft, primary, secondary, repeats=max(repeats, 30))
+    projection_ms = median_ms(project, soft, primary, secondary, repeats=max(repeats, 30))
     return pd.DataFrame([{
         "device": str(device), "B": batch, "C": classes, "teacher": recipe.teacher.arch,
         "student": recipe.student.arch, "kd_aug_step_ms": step_ms["kd-aug"], "ida_step_ms": step_ms["ida"],
@@ -171,4 +149,4 @@ def _step_ms(method_name: str, recipe: Recipe, teacher: nn.Module, classes: int,
     engine = method_engine(config, {"student": student}, teacher, classes, images.shape[-1], recipe)
     batch = Batch(images, labels, torch.arange(images.shape[0], device=images.device))
     info = StepInfo(0, 1, 0, torch.Generator().manual_seed(seed))
-    return _median_ms(engine.train_step, batch, info, repeats=repeats, device=images.device)
+    return median_ms(engine.train_step, batch, info, repeats=repeats, device=images.device)

@@ -373,7 +373,8 @@ def bench_step(
         device: str = DeviceOpt,
         warmup: int = typer.Option(2, help="Untimed steps per configuration first."),
         repeats: int = typer.Option(5, help="Timed rounds; each configuration runs --steps steps per round."),
-        steps: int = typer.Option(2, help="Steps per timed block."),
+        steps: Optional[int] = typer.Option(None, help="Steps per timed block (default: 2 on the CPU, 20 on CUDA, "
+                                            "more than the reference DataLoader prefetches)."),
         workers: int = typer.Option(-1, help="DataLoader workers of the reference loop (-1: 4 on CUDA, 0 on CPU)."),
         results_file: Optional[Path] = typer.Option(None, "--results-file", help="Also write the table to this CSV."),
         seed: int = SeedOpt) -> None:
@@ -383,11 +384,12 @@ def bench_step(
     from kdcli.engine.io import write_csv
     from kdcli.engine.pipeline import resolve_device
 
-    if min(warmup + 1, repeats, steps) < 1:
-        raise UserError("bench step: --repeats and --steps must be >= 1 and --warmup >= 0")
     names = parse_variants(variants)
     resolved = _load(recipe, set_, False)
     target = resolve_device(device)
+    steps = steps if steps is not None else (20 if target.type == "cuda" else 2)
+    if min(warmup + 1, repeats, steps) < 1:
+        raise UserError("bench step: --repeats and --steps must be >= 1 and --warmup >= 0")
     workers = workers if workers >= 0 else (4 if target.type == "cuda" else 0)
     frame = run_bench(resolved, names, target, warmup=warmup, repeats=repeats, steps=steps, workers=workers, seed=seed)
     shown = ["config", "precision", "channels_last", "samples_per_sec", "step_time", "step_time_min", "step_time_max",
@@ -399,6 +401,11 @@ def bench_step(
             _say(f"{row.config}: {row.samples_per_sec:.0f} img/s = {row.speedup:.2f}x the reference loop "
                  f"({frame.samples_per_sec.iloc[0]:.0f} img/s); teacher {100 * row.teacher_share:.0f}% of a step; "
                  f"projected {resolved.train.epochs}-epoch run {row.projected_run_h:.2f} h")
+    if target.type == "cpu":
+        import resource
+
+        _say(f"peak memory of the whole benchmark process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}"
+             " MiB (the CPU keeps no per-configuration statistics)")
     if results_file is not None:
         write_csv(results_file, frame)
         _say(f"results: {results_file}")

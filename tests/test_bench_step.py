@@ -51,7 +51,12 @@ def test_variants_switch_exactly_what_they_name() -> None:
         parse_variants("default+turbo")
 
 
-def test_bad_bench_input_is_one_line_and_exit_2() -> None:
-    result = runner.invoke(app, ["bench", "step", "--recipe", "cifar100-resnet", "--variants", "fast"])
+@pytest.mark.parametrize("args, said", [
+    (["--recipe", "cifar100-resnet", "--variants", "fast"], "unknown switch 'fast'"),
+    (["--recipe", "quickstart-kdav", "--variants", "default+cache"], "reads more of the teacher than a logits cache"),
+    (["--recipe", "quickstart-kd-aug", "--variants", "default+cache"], "shows the teacher mixed images"),
+])
+def test_bad_bench_input_is_one_line_and_exit_2(args: list[str], said: str) -> None:
+    result = runner.invoke(app, ["bench", "step", *args, "--repeats", "1", "--warmup", "0"])
     lines = result.output.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and "unknown switch 'fast'" in lines[0]
+    assert result.exit_code == 2 and len(lines) == 1 and said in lines[0], result.output

@@ -122,6 +122,8 @@ def test_distill_with_the_cache_matches_the_live_teacher(world: Path, built: Pat
         assert result.exit_code == 0, result.output
         histories[cache] = pd.read_csv(out / "kd/history.csv")
         assert ("replayed from the cache" in result.output) == (cache != "off")
+        recorded = pd.read_csv(out / "results.csv").set_index("stage")["teacher_outputs"]
+        assert recorded["kd"] == ("live" if cache == "off" else f"cache {built}")
     live, cached = histories["off"], histories[str(built)]
     for term in ("ce", "kd", "loss"):
         assert cached[term].tolist() == pytest.approx(live[term].tolist(), rel=2e-3)
@@ -132,7 +134,7 @@ def test_auto_finds_the_shared_cache_by_fingerprint(world: Path, monkeypatch) ->
     monkeypatch.setenv("KDCLI_CACHE", str(world / "shared"))
     recipe = _recipe(world, "auto")
     result = invoke("cache-teacher", "--recipe", recipe, "--device", "cpu")
-    assert result.exit_code == 0, result.output and "distill finds it by itself" in result.output
+    assert result.exit_code == 0 and "distill finds it by itself" in result.output, result.output
     [folder] = (world / "shared" / "teacher-outputs").iterdir()
     again = invoke("cache-teacher", "--recipe", recipe, "--device", "cpu")
     assert "already complete" in again.output  # same fingerprint, same folder: nothing recomputed
@@ -166,7 +168,8 @@ def test_a_killed_build_resumes_with_the_missing_shards_only(world: Path, monkey
 
 
 def test_methods_that_mix_or_tap_more_bypass_the_cache_and_say_so(world: Path, built: Path) -> None:
-    for method, said in (("kd-aug", "the cache is bypassed"), ("kdav", "holds logits only")):
+    for method, said in (("kd-aug", "not used: method 'kd-aug' shows the teacher mixed images"),
+                         ("kdav", "holds logits only")):
         recipe = _recipe(world, f"bypass-{method}", method=method, cache=str(built))
         result = invoke("distill", "--recipe", recipe, "--out", world / f"run-{method}", "--device", "cpu",
                         "--set", "train.epochs=1")

@@ -19,7 +19,6 @@ lookup costs the same: building a real one is ``kdcli cache-teacher``).
 from __future__ import annotations
 
 import dataclasses
-import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -30,14 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdcli.bench.timing import median_ms
 from kdcli.data import TensorSplit, ViewGrid, make_loader, smoke_data
 from kdcli.data.registry import DATASETS
 from kdcli.devices import resolve_precision, synchronize
-from kdcli.engine.cache import CachedTeacher
+from kdcli.engine.cache import CachedTeacher, serves
 from kdcli.engine.pipeline import build_network, dataset_classes
 from kdcli.engine.step import method_engine
 from kdcli.errors import UserError
+from kdcli.methods import get_method
 from kdcli.methods.base import Batch, StepInfo
+from kdcli.models import Taps
 from kdcli.recipes import Recipe
 
 SWITCHES = ("fp32", "default", "bf16", "fp16", "channels_last", "fold", "compile", "cache")
@@ -47,13 +49,27 @@ BATCHES = 8  # distinct batches of generated images each configuration cycles th
 @dataclass
 class Config:
     """One timed configuration: ``step()`` runs one training step (data included), ``teacher()`` only the
-    teacher part of one (forward or cache lookup) on a fixed batch."""
+    teacher part of one (forward or cache lookup) on a fixed batch; ``state`` holds what it keeps resident
+    (networks, optimisers, cache), whose bytes count towards its peak memory."""
 
     name: str
     step: Callable[[], object]
     teacher: Callable[[], object]
     precision: str
     channels_last: bool
+    state: list[object]
+
+    def resident_bytes(self) -> int:
+        tensors: dict[int, Tensor] = {}
+        for item in self.state:
+            if isinstance(item, torch.nn.Module):
+                tensors.update((id(t), t) for t in (*item.parameters(), *item.buffers()))
+            elif isinstance(item, torch.optim.Optimizer):
+                tensors.update((id(t), t) for state in item.state.values() for t in state.values()
+                               if isinstance(t, Tensor))
+            elif isinstance(item, CachedTeacher):
+                tensors.update((id(t), t) for t in item.outputs.values())
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def parse_variants(text: str) -> list[str]:
@@ -75,9 +91,10 @@ def bench_step(recipe: Recipe, variants: list[str], device: torch.device, *, war
 
     Columns (timm ``benchmark.py`` style): ``config, teacher, student, method, device, precision,
     channels_last, batch_size, samples_per_sec, step_time`` (median ms), ``step_time_min/max``, ``speedup``
-    (reference step time / this one), ``teacher_share`` (teacher part / step), ``peak_mem_mb`` (CUDA:
-    this configuration's peak allocation; CPU: the process's peak resident set, shared by all rows),
-    ``projected_run_h`` (the recipe's epochs x steps per epoch x step time, training steps only).
+    (reference step time / this one), ``teacher_share`` (teacher part / step), ``peak_mem_mb`` (CUDA only:
+    the configuration's resident tensors plus the peak a step allocates above them; NaN on the CPU, which
+    keeps no per-allocation statistics), ``projected_run_h`` (the recipe's epochs x steps per epoch x step
+    time, training steps only). Configurations take turns in a rotating order.
     """
     if recipe.teacher is None or recipe.student is None:
         raise UserError(f"bench step: recipe '{recipe.name}' needs teacher.arch and student.arch")
@@ -88,23 +105,33 @@ def bench_step(recipe: Recipe, variants: list[str], device: torch.device, *, war
     configs = [_reference(recipe, data, classes, device, workers, seed)]
     configs += [_kdcli(recipe, variant, data, classes, device, seed) for variant in variants]
     times: dict[str, list[float]] = {c.name: [] for c in configs}
-    peaks = {c.name: 0.0 for c in configs}
+    step_peaks: dict[str, list[int]] = {c.name: [] for c in configs}
     for config in configs:  # warm-up: allocator, kernels, compilation, DataLoader workers
         for _ in range(warmup):
             config.step()
-    for _ in range(repeats):
-        for config in configs:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+    for round_ in range(repeats):
+        for config in configs[round_ % len(configs):] + configs[:round_ % len(configs)]:
+            base = _start_peak(device)
             synchronize(device)
             start = time.perf_counter()
             for _ in range(steps):
                 config.step()
             synchronize(device)
             times[config.name].append((time.perf_counter() - start) * 1e3 / steps)
-            peaks[config.name] = max(peaks[config.name], _peak_mb(device))
-    teacher_ms = {c.name: _median_ms(c.teacher, device, repeats) for c in configs}
+            if device.type == "cuda":
+                step_peaks[config.name].append(torch.cuda.max_memory_allocated(device) - base)
+    peaks = {c.name: (c.resident_bytes() + max(step_peaks[c.name])) / 2**20 if step_peaks[c.name] else float("nan")
+             for c in configs}
+    teacher_ms = {c.name: median_ms(c.teacher, repeats=max(repeats, 3), device=device) for c in configs}
     return _table(recipe, configs, times, teacher_ms, peaks, device)
+
+
+def _start_peak(device: torch.device) -> int:
+    """Reset the CUDA peak counter; the bytes allocated now (0 on the CPU)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
 
 
 def _table(recipe: Recipe, configs: list[Config], times: dict[str, list[float]], teacher_ms: dict[str, float],
@@ -136,24 +163,6 @@ def _train_images(recipe: Recipe) -> int | None:
     return None if total is None else round(total * (1 - data.val_fraction))
 
 
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _median_ms(call: Callable[[], object], device: torch.device, repeats: int) -> float:
-    call()
-    samples = []
-    for _ in range(max(repeats, 3)):
-        synchronize(device)
-        start = time.perf_counter()
-        call()
-        synchronize(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
 # -- the reference loop ---------------------------------------------------------------------------------
 class _PILImages(torch.utils.data.Dataset):
     """The uint8 images as PIL images through a torchvision transform, as torchvision's CIFAR dataset does."""
@@ -178,10 +187,13 @@ def _reference(recipe: Recipe, data: TensorSplit, classes: int, device: torch.de
     transform = transforms.Compose([
         transforms.RandomCrop(data.image_size, padding=data.crop_padding), transforms.RandomHorizontalFlip(),
         transforms.ToTensor(), transforms.Normalize(data.mean, data.std)])
-    loader = torch.utils.data.DataLoader(
-        _PILImages(data, transform), batch_size=recipe.train.batch_size, shuffle=True, drop_last=True,
-        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(seed))
+    images = _PILImages(data, transform)
+    # One endless shuffled stream: no epoch boundary (a new iterator restarts the workers' prefetch) lands in
+    # a timed block.
+    sampler = torch.utils.data.RandomSampler(images, replacement=True, num_samples=2**40,
+                                             generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(images, batch_size=recipe.train.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
     torch.manual_seed(seed)
     teacher = build_network(recipe.teacher.arch, classes).to(device).eval()
     student = build_network(recipe.student.arch, classes).to(device).train()
@@ -189,7 +201,7 @@ def _reference(recipe: Recipe, data: TensorSplit, classes: int, device: torch.de
     sgd = torch.optim.SGD(student.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     temperature = float(recipe.method.params.get("temperature", 4.0))
     weights = recipe.method.weights if recipe.method.name == "kd" else {}
-    batches = _forever(loader)
+    batches = iter(loader)
 
     def step() -> None:
         images, labels = next(batches)
@@ -212,10 +224,10 @@ def _reference(recipe: Recipe, data: TensorSplit, classes: int, device: torch.de
         with torch.no_grad():
             teacher(fixed_images)
 
-    return Config("reference", step, teacher_part, "fp32", False)
+    return Config("reference", step, teacher_part, "fp32", False, [teacher, student, sgd])
 
 
-def _forever(loader: torch.utils.data.DataLoader) -> Iterator:
+def _forever(loader) -> Iterator:
     while True:
         yield from loader
 
@@ -248,6 +260,10 @@ def _kdcli(recipe: Recipe, variant: str, data: TensorSplit, classes: int, device
     teacher = build_network(recipe.teacher.arch, classes).to(device).eval()
     student = build_network(recipe.student.arch, classes, run.train.channels_last).to(device)
     cache = _random_cache(data, classes, device, seed) if "cache" in variant.split("+") else None
+    method = get_method(recipe.method.name)
+    if cache is not None and not serves(["logits"], method.teacher_taps or Taps()):
+        raise UserError(f"bench step: variant '{variant}': method '{recipe.method.name}' reads more of the teacher "
+                        "than a logits cache holds; drop +cache")
     engine = method_engine(run.method, {"student": student}, teacher, classes, data.image_size, run,
                            epochs=run.train.epochs, device=device, cache=cache)
     loader = make_loader(data, recipe.train.batch_size, train=True, device=device, seed=seed,
@@ -255,6 +271,9 @@ def _kdcli(recipe: Recipe, variant: str, data: TensorSplit, classes: int, device
     batches = _forever(loader)
     info = StepInfo(0, run.train.epochs, 0, torch.Generator().manual_seed(seed))
     engine.method.train()
+    if cache is not None and not engine.method.shows_loader_views():
+        raise UserError(f"bench step: variant '{variant}': method '{recipe.method.name}' shows the teacher mixed "
+                        "images, which a cache cannot serve; drop +cache")
 
     def step() -> None:
         images, labels, indices, views = next(batches)
@@ -267,7 +286,8 @@ def _kdcli(recipe: Recipe, variant: str, data: TensorSplit, classes: int, device
         if engine.teacher_seam is not None:
             engine.teacher_seam(fixed)
 
-    return Config(variant, step, teacher_part, run.train.precision, run.train.channels_last)
+    return Config(variant, step, teacher_part, run.train.precision, run.train.channels_last,
+                  [engine.method, teacher, *engine.optimizers.values(), *([cache] if cache else [])])
 
 
 def _random_cache(data: TensorSplit, classes: int, device: torch.device, seed: int) -> CachedTeacher:

@@ -39,17 +39,18 @@ from kdcli.models import Features, Taps, forward_taps
 
 FORMAT = 1
 SHARD_IMAGES = 256
-OUTPUTS = ("logits", "pre_logits")
 
 
-def fingerprint(teacher: nn.Module, arch: str, split: TensorSplit, dataset: str) -> dict[str, object]:
-    """What a teacher's outputs on the views of ``split``'s source depend on."""
+def fingerprint(teacher: nn.Module, arch: str, split: TensorSplit, dataset: str,
+                precision: str) -> dict[str, object]:
+    """What a teacher's outputs on the views of ``split``'s source depend on (``precision``: the teacher's,
+    resolved: a bf16 teacher's outputs are not an fp32 run's)."""
     import kdcli
 
     return {
         "format": FORMAT, "kdcli": kdcli.__version__, "teacher_arch": arch, "teacher_weights": weights_digest(teacher),
-        "dataset": dataset, "data": split.digest(), "crop_padding": split.crop_padding, "hflip": split.hflip,
-        "mean": list(split.mean), "std": list(split.std),
+        "teacher_precision": precision, "dataset": dataset, "data": split.digest(),
+        "crop_padding": split.crop_padding, "hflip": split.hflip, "mean": list(split.mean), "std": list(split.std),
     }
 
 
@@ -63,10 +64,19 @@ def weights_digest(network: nn.Module) -> str:
     return sha.hexdigest()
 
 
-def default_dir(print_: dict[str, object]) -> Path:
-    """The shared cache folder of a fingerprint: every run of that teacher on that data finds it."""
+def default_dir(print_: dict[str, object], features: bool) -> Path:
+    """The shared cache folder of a fingerprint (one with pre-logit features, one without): every run of that
+    teacher on that data finds it."""
     key = hashlib.sha256(json.dumps(print_, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_root() / "teacher-outputs" / f"{print_['teacher_arch']}-{print_['dataset']}-{key}"
+    kind = "features" if features else "logits"
+    return cache_root() / "teacher-outputs" / f"{print_['teacher_arch']}-{print_['dataset']}-{key}-{kind}"
+
+
+def serves(outputs: list[str], taps: Taps) -> bool:
+    """Whether cached ``outputs`` hold everything ``taps`` asks of the teacher."""
+    wanted = {"logits"} if taps.logits else set()
+    wanted |= {"pre_logits"} if taps.pre_logits else set()
+    return not (taps.feature_map or taps.stages) and wanted <= set(outputs)
 
 
 @dataclass
@@ -76,7 +86,6 @@ class Manifest:
     images: int
     views: int
     shard_images: int
-    precision: str
 
     @property
     def shards(self) -> int:
@@ -111,12 +120,13 @@ def differences(cached: dict[str, object], wanted: dict[str, object]) -> list[st
 
 # -- building ----------------------------------------------------------------------------------------
 def build(network: nn.Module, split: TensorSplit, folder: Path, print_: dict[str, object], *, features: bool,
-          precision: str, device: torch.device, batch_size: int = 1024,
+          channels_last: bool, device: torch.device, batch_size: int = 1024,
           progress: Callable[[int, int], None] | None = None) -> tuple[Manifest, int]:
     """Compute (or finish) the cache of ``network`` on every view of every image of ``split`` in ``folder``.
 
-    ``network`` is the teacher prepared as the engine runs it (eval mode, folded, channels-last), so a
-    cached output equals a live teacher call up to fp16 rounding. ``split`` must be the whole source
+    ``network`` is the teacher prepared as the engine runs it (eval mode, folded, channels-last when
+    ``channels_last``), run in the fingerprint's precision, so a cached output equals a live teacher call
+    up to fp16 rounding. ``split`` must be the whole source
     (no carve-out). ``progress(done, total)`` is called after each shard. Returns the manifest and the
     number of teacher forwards this call ran (0 when the cache was complete).
     """
@@ -124,7 +134,7 @@ def build(network: nn.Module, split: TensorSplit, folder: Path, print_: dict[str
         raise ValueError("build the cache on the whole training split, not a carve-out")
     outputs = ["logits", "pre_logits"] if features else ["logits"]
     grid = ViewGrid(split.crop_padding, split.hflip)
-    manifest = Manifest(print_, outputs, len(split), grid.count, SHARD_IMAGES, precision)
+    manifest = Manifest(print_, outputs, len(split), grid.count, SHARD_IMAGES)
     existing = Manifest.read(folder)
     if existing is not None and (existing.fingerprint, existing.outputs) != (print_, outputs):
         what = differences(existing.fingerprint, print_) or [f"outputs (cache {existing.outputs}, run {outputs})"]
@@ -139,7 +149,8 @@ def build(network: nn.Module, split: TensorSplit, folder: Path, print_: dict[str
     for done, index in enumerate(todo, start=1):
         first = index * manifest.shard_images
         rows = torch.arange(first, min(first + manifest.shard_images, manifest.images))
-        tensors = _shard(network, split, rows, grid, outputs, precision, device, batch_size)
+        tensors = _shard(network, split, rows, grid, outputs, str(print_["teacher_precision"]), channels_last,
+                         device, batch_size)
         atomic_save(manifest.shard_path(folder, index), lambda tmp, t=tensors: save_file(t, tmp))
         forwards += rows.numel() * grid.count
         if progress is not None:
@@ -149,14 +160,14 @@ def build(network: nn.Module, split: TensorSplit, folder: Path, print_: dict[str
 
 @torch.inference_mode()
 def _shard(network: nn.Module, split: TensorSplit, rows: Tensor, grid: ViewGrid, outputs: list[str], precision: str,
-           device: torch.device, batch_size: int) -> dict[str, Tensor]:
+           channels_last: bool, device: torch.device, batch_size: int) -> dict[str, Tensor]:
     """The outputs of every view of images ``rows``: ``{name: (len(rows), views, dim) fp16}``."""
     views = torch.arange(grid.count)
     image_of = rows.repeat_interleave(grid.count)  # (rows x views), view-major within an image
     view_of = views.repeat(rows.numel())
     mean = torch.tensor(split.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(split.std, device=device).view(1, 3, 1, 1)
-    memory = torch.channels_last if _channels_last(network) else torch.contiguous_format
+    memory = torch.channels_last if channels_last else torch.contiguous_format
     taps = Taps(logits=True, pre_logits="pre_logits" in outputs)
     chunks: dict[str, list[Tensor]] = {name: [] for name in outputs}
     for start in range(0, image_of.numel(), batch_size):
@@ -168,11 +179,6 @@ def _shard(network: nn.Module, split: TensorSplit, rows: Tensor, grid: ViewGrid,
         for name in outputs:
             chunks[name].append(getattr(out, name).half().cpu())
     return {name: torch.cat(parts).view(rows.numel(), grid.count, -1).contiguous() for name, parts in chunks.items()}
-
-
-def _channels_last(network: nn.Module) -> bool:
-    weight = next((p for p in network.parameters() if p.dim() == 4), None)
-    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
 # -- replaying ---------------------------------------------------------------------------------------
@@ -202,12 +208,6 @@ class CachedTeacher:
                                 "kdcli cache-teacher again to recompute it") from None
         return cls({name: torch.cat(tables).to(device) for name, tables in parts.items()}, origin.to(device), folder)
 
-    def serves(self, taps: Taps) -> bool:
-        """Whether the cache holds every output ``taps`` asks for."""
-        wanted = {"logits"} if taps.logits else set()
-        wanted |= {"pre_logits"} if taps.pre_logits else set()
-        return not (taps.feature_map or taps.stages) and wanted <= set(self.outputs)
-
     def __call__(self, indices: Tensor, views: Tensor) -> Features:
         """float32 outputs of the views ``views`` of the split's images ``indices``."""
         rows = self.origin[indices]
@@ -215,20 +215,22 @@ class CachedTeacher:
         return Features(logits=found.get("logits"), pre_logits=found.get("pre_logits"))
 
 
-def open_cache(setting: str, print_: dict[str, object], origin: Tensor,
-               device: torch.device) -> tuple[CachedTeacher | None, str]:
-    """The cache a run asked for (``teacher.cache``: ``auto``, ``off`` or a folder) and a line saying why/why not.
+def open_cache(setting: str, print_: dict[str, object], taps: Taps, origin: Tensor, device: torch.device,
+               live_because: str = "") -> tuple[CachedTeacher | None, str]:
+    """The cache a run asked for (``teacher.cache``: ``auto``, ``off`` or a folder) and a line saying what it does.
 
-    ``auto`` uses the default folder of ``print_`` when it is complete; a named folder must exist, be
-    complete and match ``print_`` (else :class:`UserError` naming what differs).
+    ``auto`` uses the first complete default folder of ``print_`` that holds what ``taps`` needs (with
+    features, then logits only); a named folder must exist, be complete and match ``print_`` (else
+    :class:`UserError` naming what differs). A cache that cannot serve ``taps``, or any cache when
+    ``live_because`` gives a reason (a method that mixes images), is not loaded: the line says why.
     """
     if setting == "off":
         return None, ""
-    folder = default_dir(print_) if setting == "auto" else Path(setting).expanduser()
+    if setting == "auto":
+        return _auto(print_, taps, origin, device, live_because)
+    folder = Path(setting).expanduser()
     manifest = Manifest.read(folder)
     if manifest is None:
-        if setting == "auto":
-            return None, ""
         raise UserError(f"teacher.cache {folder} holds no teacher cache (no manifest.json); build one with "
                         "kdcli cache-teacher --recipe <recipe> --out <folder>, or set teacher.cache=auto")
     what = differences(manifest.fingerprint, print_)
@@ -237,9 +239,41 @@ def open_cache(setting: str, print_: dict[str, object], origin: Tensor,
                         "kdcli cache-teacher, or set teacher.cache=off")
     missing = manifest.missing(folder)
     if missing:
-        note = (f"teacher cache {folder} is incomplete ({manifest.shards - len(missing)}/{manifest.shards} shards); "
-                "running the teacher (finish it with the same kdcli cache-teacher command)")
-        if setting == "auto":
-            return None, note
-        raise UserError(note.partition(";")[0] + "; finish it with the same kdcli cache-teacher command")
+        raise UserError(f"teacher cache {folder} is incomplete ({manifest.shards - len(missing)}/{manifest.shards} "
+                        "shards); finish it with the same kdcli cache-teacher command")
+    return _use(folder, manifest, taps, origin, device, live_because)
+
+
+def _auto(print_: dict[str, object], taps: Taps, origin: Tensor, device: torch.device,
+          live_because: str) -> tuple[CachedTeacher | None, str]:
+    notes = []
+    for folder in (default_dir(print_, features=True), default_dir(print_, features=False)):
+        manifest = Manifest.read(folder)
+        if manifest is None:
+            continue
+        missing = manifest.missing(folder)
+        if missing:
+            notes.append(f"teacher cache {folder} is incomplete ({manifest.shards - len(missing)}/{manifest.shards} "
+                         "shards): the teacher runs live (finish it with the same kdcli cache-teacher command)")
+            continue
+        cache, note = _use(folder, manifest, taps, origin, device, live_because)
+        if cache is not None:
+            return cache, note
+        notes.append(note)
+    return None, notes[0] if notes else ""
+
+
+def _use(folder: Path, manifest: Manifest, taps: Taps, origin: Tensor, device: torch.device,
+         live_because: str) -> tuple[CachedTeacher | None, str]:
+    """Load a complete, matching cache, unless it cannot serve ``taps`` or the method shows the teacher other images."""
+    if live_because:
+        return None, f"teacher cache {folder} not used: {live_because}; the teacher runs live"
+    if not serves(manifest.outputs, taps):
+        return None, _cannot_serve(folder, manifest.outputs, taps)
     return CachedTeacher.load(folder, manifest, origin, device), f"teacher outputs replayed from {folder}"
+
+
+def _cannot_serve(folder: Path, outputs: list[str], taps: Taps) -> str:
+    hint = " (kdcli cache-teacher --features adds pre-logits)" if not (taps.feature_map or taps.stages) else ""
+    return (f"teacher cache {folder} holds {' and '.join(outputs)} only and this method taps more of the teacher: "
+            f"it runs live{hint}")

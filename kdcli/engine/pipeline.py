@@ -35,12 +35,11 @@ from kdcli.devices import resolve_precision
 from kdcli.engine.cache import CachedTeacher, Manifest, build, default_dir, fingerprint, open_cache
 from kdcli.engine.checkpoint import load_model
 from kdcli.engine.io import write_csv
-from kdcli.engine.step import TeacherSeam, build_method
+from kdcli.engine.step import build_method, prepare_teacher
 from kdcli.engine.trainer import RunContext, RunSummary, Trainer
 from kdcli.errors import UserError
 from kdcli.methods import get_method, validate_method_config
-from kdcli.methods.base import parse_params
-from kdcli.models import Taps
+from kdcli.methods.base import Method, parse_params
 from kdcli.recipes import Recipe, find_recipe, load_recipe
 
 SMOKE_STEPS = 2
@@ -136,8 +135,7 @@ def load_teacher(path: str, arch: str, num_classes: int, smoke: bool, console) -
 
 
 def run_stage(stage: str, method_name: str, networks: dict[str, str], teacher: nn.Module | None,
-              recipe: Recipe, data: DataBundle, ctx: RunContext, only: str | None = None,
-              cache: CachedTeacher | None = None) -> RunSummary:
+              recipe: Recipe, data: DataBundle, ctx: RunContext, only: str | None = None) -> RunSummary:
     """Train ``networks`` (name -> arch) with one method inside ``out_dir/stage``.
 
     ``only`` trains just that one of ``networks`` (the baseline of a multi-network method): all are still
@@ -154,6 +152,7 @@ def run_stage(stage: str, method_name: str, networks: dict[str, str], teacher: n
     method = build_method(stage_recipe.method, built, teacher, data.num_classes, data.image_size, ctx.device,
                           ctx.dist.world)
     stage_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / stage)
+    cache = teacher_cache(stage_recipe, teacher, data, ctx, method) if teacher is not None else None
     return Trainer(method, teacher, data, stage_recipe, stage_ctx, stage, cache).fit()
 
 
@@ -202,7 +201,7 @@ def distill(recipe: Recipe, ctx: RunContext, smoke: bool, teacher_checkpoint: st
     method_cls = get_method(recipe.method.name)
     data = prepare_data(recipe, smoke)
     summaries: list[RunSummary] = []
-    teacher, cache = None, None
+    teacher = None
     if method_cls.teacher_taps is not None:
         if recipe.teacher is None:
             raise UserError(f"method '{recipe.method.name}' needs a teacher; "
@@ -212,31 +211,33 @@ def distill(recipe: Recipe, ctx: RunContext, smoke: bool, teacher_checkpoint: st
             summaries += train_teacher(recipe, ctx, smoke)
             path = str(ctx.out_dir / TEACHER_CHECKPOINT)
         teacher = load_teacher(path, recipe.teacher.arch, data.num_classes, smoke, ctx.console).to(ctx.device)
-        cache = None if smoke else teacher_cache(recipe, teacher, data, ctx)
     student_arch = recipe.student.arch if recipe.student is not None else None
     networks = method_cls.networks_for(parse_params(method_cls, recipe.method.params), student_arch)
     if recipe.train.baseline:
         for name in networks:
             stage = "baseline" if len(networks) == 1 else f"baseline-{name}"
             summaries.append(run_stage(stage, "ce", networks, None, recipe, data, ctx, only=name))
-    summaries.append(run_stage(recipe.method.name, recipe.method.name, networks, teacher, recipe, data, ctx,
-                               cache=cache))
+    summaries.append(run_stage(recipe.method.name, recipe.method.name, networks, teacher, recipe, data, ctx))
     return summaries
 
 
-def teacher_cache(recipe: Recipe, teacher: nn.Module, data: DataBundle, ctx: RunContext) -> CachedTeacher | None:
-    """The teacher-output cache of ``teacher.cache`` (see :mod:`kdcli.engine.cache`), if it applies."""
+def teacher_cache(recipe: Recipe, teacher: nn.Module, data: DataBundle, ctx: RunContext,
+                  method: Method) -> CachedTeacher | None:
+    """The teacher-output cache of ``teacher.cache`` (see :mod:`kdcli.engine.cache`) if it serves ``method``;
+    says on the console which teacher outputs the run uses when a cache exists."""
     setting = recipe.teacher.cache
-    if setting == "off":
+    if setting == "off" or method.teacher_taps is None or ctx.max_steps is not None:  # --smoke: generated data
         return None
     if not isinstance(data.train, TensorSplit):
         if setting != "auto":
             raise UserError(f"teacher.cache={setting}: teacher caches serve in-memory datasets (cifar10, cifar100, "
                             "synthetic), whose augmentation has finitely many views; set teacher.cache=off")
         return None
-    print_ = fingerprint(teacher, recipe.teacher.arch, data.train, recipe.data.dataset)
-    cache, note = open_cache(setting, print_, data.train.origins(), ctx.device)
-    if note:
+    precision = resolve_precision(recipe.teacher.precision, ctx.device)
+    print_ = fingerprint(teacher, recipe.teacher.arch, data.train, recipe.data.dataset, precision)
+    mixes = "" if method.shows_loader_views() else f"method '{method.name}' shows the teacher mixed images"
+    cache, note = open_cache(setting, print_, method.teacher_taps, data.train.origins(), ctx.device, mixes)
+    if note and ctx.dist.is_main:
         ctx.console.print(note, highlight=False, markup=False)
     return cache
 
@@ -262,18 +263,18 @@ def cache_teacher(recipe: Recipe, out: Path | None, features: bool, device: torc
         raise UserError(f"dataset '{recipe.data.dataset}': teacher caches serve in-memory datasets (cifar10, cifar100, "
                         "synthetic), whose augmentation has finitely many views")
     teacher = load_teacher(recipe.teacher.checkpoint, recipe.teacher.arch, data.num_classes, False, console).to(device)
-    print_ = fingerprint(teacher, recipe.teacher.arch, data.train, recipe.data.dataset)
-    folder = out or default_dir(print_)
-    seam = TeacherSeam(teacher, Taps(logits=True, pre_logits=features),
-                       resolve_precision(recipe.teacher.precision, device), recipe.teacher,
-                       recipe.train.channels_last, data.image_size)
+    precision = resolve_precision(recipe.teacher.precision, device)
+    print_ = fingerprint(teacher, recipe.teacher.arch, data.train, recipe.data.dataset, precision)
+    folder = out or default_dir(print_, features)
+    channels_last = recipe.train.channels_last
+    network, _ = prepare_teacher(teacher, recipe.teacher, channels_last, data.image_size)
     started = time.perf_counter()
     with Progress(TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("shards", total=None)
-        manifest, computed = build(seam.network, data.train, folder, print_, features=features, precision=seam.precision,
-                         device=device, batch_size=batch_size,
-                         progress=lambda done, total: bar.update(task, completed=done, total=total))
+        manifest, computed = build(network, data.train, folder, print_, features=features, channels_last=channels_last,
+                                   device=device, batch_size=batch_size,
+                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
     return CacheReport(folder, manifest, time.perf_counter() - started, computed)
 
 
@@ -292,6 +293,7 @@ def results_frame(summaries: list[RunSummary], recipe: Recipe, ctx: RunContext, 
                 "epochs": recipe.train.epochs, "seed": ctx.seed, "stage_seconds": round(summary.seconds, 2),
                 "images_per_s": round(summary.images_per_s, 1), "wall_seconds": round(wall_seconds, 2),
                 "device": device_name(ctx.device), "precision": resolve_precision(recipe.train.precision, ctx.device),
+                "teacher_outputs": summary.teacher_outputs,
                 "kdcli": kdcli.__version__, "torch": torch.__version__,
                 "timm": timm.__version__, "python": platform.python_version(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -23,13 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from kdcli.devices import autocast, resolve_precision
-from kdcli.engine.cache import CachedTeacher
+from kdcli.engine.cache import CachedTeacher, serves
 from kdcli.engine.distributed import DistEnv, wrap
 from kdcli.engine.optim import build_optimizers
 from kdcli.errors import UserError
 from kdcli.methods import get_method
 from kdcli.methods.base import Batch, Method, MethodContext, StepInfo, StepOutput, parse_params
-from kdcli.models import Features, FeatureShapes, Taps, feature_shapes, forward_taps
+from kdcli.models import Features, FeatureShapes, Taps, compile_taps, feature_shapes, forward_taps
 from kdcli.models.fold import fold_batchnorm
 from kdcli.recipes import MethodConfig, Recipe, TeacherConfig
 
@@ -77,25 +77,23 @@ class TeacherSeam:
     def __init__(self, teacher: nn.Module, taps: Taps, precision: str, cfg: TeacherConfig | None = None,
                  channels_last: bool = False, image_size: int = 32, cache: CachedTeacher | None = None) -> None:
         cfg = cfg or TeacherConfig(fold_bn=False)
-        self.network, self.folded = _prepare(teacher, cfg, channels_last, image_size)
+        self.network, self.folded = prepare_teacher(teacher, cfg, channels_last, image_size)
         self.taps, self.precision = taps, precision
         self.channels_last, self.compiled = channels_last, cfg.compile
-        self.cache = cache if cache is not None and cache.serves(taps) else None
+        if cache is not None and not serves(list(cache.outputs), taps):
+            raise ValueError(f"a cache of {', '.join(cache.outputs)} cannot serve the teacher taps {taps}")
+        self.cache = cache
         self.notes: list[str] = []  # lines for the log, taken by the trainer
-        if cache is not None and self.cache is None:
-            hint = " (cache-teacher --features adds pre-logits)" if not (taps.feature_map or taps.stages) else ""
-            self.notes.append(f"the teacher cache holds {' and '.join(cache.outputs)} only and this method taps more "
-                              f"of the teacher: it runs live{hint}")
         self._bypass_said = False
 
     def __call__(self, batch: Batch) -> Features:
         if self.cache is not None:
-            if batch.views is not None and batch.mix is None:
+            if batch.views is not None:
                 return self.cache(batch.indices, batch.views)
             if not self._bypass_said:
                 self._bypass_said = True
-                self.notes.append("the teacher sees images that are no cached view (mixed, or not from the "
-                                  "in-memory loader): the teacher runs live, the cache is bypassed")
+                self.notes.append("the teacher sees images that are no cached view (mixed by the method, or not "
+                                  "from the in-memory loader): it runs live for them, the cache is bypassed")
         with torch.inference_mode(), autocast(batch.images.device, self.precision):
             out = forward_taps(self.network, batch.images, self.taps)
         # Outside inference mode a clone is an ordinary tensor, which autograd may save for backward
@@ -110,8 +108,9 @@ class TeacherSeam:
         return ", ".join(parts) + cached
 
 
-def _prepare(teacher: nn.Module, cfg: TeacherConfig, channels_last: bool, image_size: int) -> tuple[nn.Module, int]:
-    """The teacher ready for inference, and how many BatchNorms were folded."""
+def prepare_teacher(teacher: nn.Module, cfg: TeacherConfig, channels_last: bool,
+                    image_size: int) -> tuple[nn.Module, int]:
+    """The frozen teacher ready for inference as ``cfg`` asks, and how many BatchNorms were folded."""
     network = teacher.eval().requires_grad_(False)
     memory = torch.channels_last if channels_last else torch.contiguous_format
     network = network.to(memory_format=memory)
@@ -122,7 +121,7 @@ def _prepare(teacher: nn.Module, cfg: TeacherConfig, channels_last: bool, image_
         example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         network, folded = fold_batchnorm(network, example.to(device).contiguous(memory_format=memory))
     if cfg.compile:
-        network.compile()
+        compile_taps(network)
     return network, folded
 
 
@@ -153,7 +152,9 @@ class Engine:
         self.method = method
         self.precision = resolve_precision(recipe.train.precision, device)
         if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
+            # Fixed input shapes: pick the fastest kernels once. (Process-wide; CUDA results are not promised
+            # bit-reproducible anyway: only CPU runs are.)
+            torch.backends.cudnn.benchmark = True
         self.teacher_seam = None
         if teacher is not None and method.teacher_taps is not None:
             teacher_cfg = recipe.teacher or TeacherConfig()
@@ -162,7 +163,7 @@ class Engine:
                                             recipe.train.channels_last, method.ctx.image_size, cache)
         if recipe.train.compile:
             for network in method.networks.values():
-                network.compile()
+                compile_taps(network)
         self.passes = wrap(_Passes(method), dist or DistEnv(),
                            find_unused_parameters=not method.every_pass_uses_all_parameters)
         self.optimizers, self.schedulers = build_optimizers(method.param_groups(), recipe.optim, recipe.schedule,

@@ -64,6 +64,7 @@ class RunSummary:
     seconds: float
     images_per_s: float
     out_dir: Path
+    teacher_outputs: str = ""  # "live", "cache <folder>", or "" without a teacher
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
@@ -86,6 +87,8 @@ class Trainer:
                                channels_last=train.channels_last)
             for split, ds in (("val", data.val), ("test", data.test)) if ds is not None
         }
+        seam = self.engine.teacher_seam
+        self.teacher_outputs = "" if seam is None else f"cache {seam.cache.folder}" if seam.cache is not None else "live"
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.step = 0
@@ -237,7 +240,7 @@ class Trainer:
             "schedulers": {k: v.state_dict() for k, v in self.engine.schedulers.items()},
             "scaler": self.engine.scaler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
-            "config_hash": self.recipe.config_hash(),
+            "config_hash": self.recipe.config_hash(), "teacher_outputs": self.teacher_outputs,
         }
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
@@ -258,6 +261,11 @@ class Trainer:
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.start_epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
+        before = state.get("teacher_outputs", self.teacher_outputs)
+        if before != self.teacher_outputs and self.ctx.dist.is_main:
+            self.ctx.console.print(f"{self.stage}: the teacher's outputs came from {before or 'nowhere'} before the "
+                                   f"interruption and now from {self.teacher_outputs} (fp16 rounding differs: the "
+                                   "resumed run is not bitwise the uninterrupted one)", highlight=False, markup=False)
         return True
 
     # -- results ----------------------------------------------------------------------------------
@@ -285,4 +293,4 @@ class Trainer:
                 checkpoint=str(self.ckpt_dir / f"{name}-best.safetensors") if net is not None else "",
             ))
         rates = [row["images_per_s"] for row in self.history]
-        return RunSummary(self.stage, results, seconds, sum(rates) / len(rates), self.dir)
+        return RunSummary(self.stage, results, seconds, sum(rates) / len(rates), self.dir, self.teacher_outputs)

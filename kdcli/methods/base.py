@@ -144,6 +144,10 @@ class Method(nn.Module, abc.ABC):
         """The input that networks and teacher see this step (mixing methods return the mixed batch)."""
         return batch
 
+    def shows_loader_views(self) -> bool:
+        """Whether the teacher sees the loader's images as they are (then cached outputs of their views apply)."""
+        return True
+
     def uses_teacher(self, info: StepInfo) -> bool:
         """Whether this step needs the teacher (logit methods skip it when only CE has a weight)."""
         return self.teacher_taps is not None

@@ -107,12 +107,16 @@ class IsotonicParams(MixParams):
 class MixedKD(LogitMethod):
     """Shared step of kd-aug / ida / ida-p: mix in ``view``, then the active terms on the mixed batch."""
 
+    def shows_loader_views(self) -> bool:
+        return self.params.mix == "none"
+
     def view(self, batch: Batch, info: StepInfo) -> Batch:
         """The mixed batch: teacher and student both see ``x~``; ``batch.mix`` keeps the label provenance.
-        The mixed images are no cached view (``views=None``): the teacher runs on them."""
+        Mixed images are no cached view (``views=None``): the teacher runs on them."""
         params = self.params
         mixed = mix(params.mix, batch.images, batch.labels, params.mix_alpha, info.generator, params.per_sample)
-        return dataclasses.replace(batch, images=mixed.images, mix=mixed, views=None)
+        views = batch.views if self.shows_loader_views() else None
+        return dataclasses.replace(batch, images=mixed.images, mix=mixed, views=views)
 
     def loss_terms(self, batch: Batch, outputs: Outputs, teacher: Features | None, info: StepInfo) -> dict[str, Tensor]:
         logits, mixed = main_output(outputs).logits, batch.mix

@@ -18,7 +18,7 @@ from torch import nn
 
 from kdcli.errors import UserError
 from kdcli.models.cifar_zoo import ZOO_SPECS, build_zoo_model
-from kdcli.models.taps import Features, FeatureShapes, Taps, feature_shapes, forward_taps
+from kdcli.models.taps import Features, FeatureShapes, Taps, compile_taps, feature_shapes, forward_taps
 
 ZOO: tuple[str, ...] = tuple(ZOO_SPECS)
 
@@ -56,5 +56,5 @@ def describe_models() -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["ZOO", "FeatureShapes", "Features", "Taps", "create_model", "describe_models", "feature_shapes",
-           "forward_taps"]
+__all__ = ["ZOO", "FeatureShapes", "Features", "Taps", "compile_taps", "create_model", "describe_models",
+           "feature_shapes", "forward_taps"]

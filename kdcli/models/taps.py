@@ -102,3 +102,12 @@ def feature_shapes(model: nn.Module, image_size: int, taps: Taps) -> FeatureShap
 
     return FeatureShapes(shape(out.logits), shape(out.pre_logits), shape(out.feature_map),
                          tuple(shape(m) for m in out.stages))
+
+
+def compile_taps(model: nn.Module) -> None:
+    """``torch.compile`` every entry point :func:`forward_taps` uses (``model(x)``, ``forward_features``,
+    ``forward_head``, ``forward_intermediates``), in place; parameters and state_dict keys stay as they are."""
+    model.compile()
+    for name in ("forward_features", "forward_head", "forward_intermediates"):
+        if hasattr(model, name):
+            setattr(model, name, torch.compile(getattr(model, name)))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import pandas as pd
@@ -227,7 +227,7 @@ def _reference(recipe: Recipe, data: TensorSplit, classes: int, device: torch.de
     return Config("reference", step, teacher_part, "fp32", False, [teacher, student, sgd])
 
 
-def _forever(loader) -> Iterator:
+def _forever(loader: Iterable) -> Iterator:
     while True:
         yield from loader
 
@@ -286,8 +286,10 @@ def _kdcli(recipe: Recipe, variant: str, data: TensorSplit, classes: int, device
         if engine.teacher_seam is not None:
             engine.teacher_seam(fixed)
 
+    seam = engine.teacher_seam  # the teacher as it runs (folded: a copy of the one built above)
+    resident = [engine.method, seam.network if seam is not None else teacher, *engine.optimizers.values()]
     return Config(variant, step, teacher_part, run.train.precision, run.train.channels_last,
-                  [engine.method, teacher, *engine.optimizers.values(), *([cache] if cache else [])])
+                  resident + ([cache] if cache is not None else []))
 
 
 def _random_cache(data: TensorSplit, classes: int, device: torch.device, seed: int) -> CachedTeacher:

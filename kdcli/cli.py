@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -39,19 +40,66 @@ SmokeOpt = typer.Option(False, "--smoke", help="A few steps on generated data wi
 ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run in --out.")
 
 
+class _Options:
+    debug = False  # --debug: let every error show its traceback
+
+
 def friendly(command: Callable) -> Callable:
-    """Bad input becomes one line on stderr and exit code 2."""
+    """Bad input becomes one line on stderr and exit code 2; an unexpected error one line and exit code 1
+    (``--debug`` shows the traceback of either)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except UserError as err:
-            # The message is plain text: paths and hints such as `kdcli[plot]` must not be read as markup.
-            err_console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True, highlight=False)
+            if _Options.debug:
+                raise
+            _error(str(err))
             raise typer.Exit(2) from None
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+            if _Options.debug:
+                raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            _error(f"internal error ({type(err).__name__}{': ' + reason if reason else ''}); run the same command "
+                   "again with kdcli --debug ... for the traceback, and report it")
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _error(text: str) -> None:
+    # The message is plain text: paths and hints such as `kdcli[plot]` must not be read as markup.
+    err_console.print(f"[red]error:[/] {escape(text)}", soft_wrap=True, highlight=False)
+
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import version
+
+    import torch
+
+    import kdcli
+
+    if torch.cuda.is_available():
+        names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+        devices = f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s): {', '.join(names)}"
+    else:
+        devices = f"no CUDA device; CPU with {torch.get_num_threads()} threads"
+    _say(f"kdcli {kdcli.__version__}, torch {torch.__version__}, timm {version('timm')}, {devices}")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print kdcli, torch, timm and the device summary, and exit."),
+          debug: bool = typer.Option(False, "--debug", help="Show the full traceback of any error.")) -> None:
+    """Knowledge distillation for image classification: train teachers, distil students, evaluate, measure
+    teacher label violations, export."""
+    _Options.debug = debug
 
 
 def _say(text: str) -> None:

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,22 @@ import yaml
 from kdcli.errors import UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads ``5e-4`` and ``1E3`` as strings, because its floats need a dot; every ML user
+    writes them, and YAML 1.2 reads them as floats. This loader adds the 1.2 spellings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML as recipes are read: safe types only, with YAML 1.2 float spellings (``5e-4``)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
 @dataclass
@@ -205,7 +222,7 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path in seen:
         raise UserError(f"recipe {path}: 'base' chain loops back to itself; remove the cycle")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -247,7 +264,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
             raise UserError(f"--set '{override}': '{part}' is a value, not a section")
         node = child
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = read_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     if parts == ["method"] and isinstance(value, str):

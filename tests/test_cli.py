@@ -240,3 +240,30 @@ def test_help_and_listings_do_not_import_torch(tmp_path: Path) -> None:
                                (["list", "methods"], False)):
         out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env, check=True)
         assert out.stdout.strip().endswith("NO-TORCH") != torch_loaded, (args, out.stdout[-300:])
+
+
+def test_version_names_kdcli_torch_timm_and_the_device() -> None:
+    import timm
+
+    import kdcli
+
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert f"kdcli {kdcli.__version__}, torch {torch.__version__}, timm {timm.__version__}" in result.output
+    assert ("GPU" in result.output) == torch.cuda.is_available()
+
+
+def test_debug_shows_the_traceback_and_an_internal_error_is_one_line(monkeypatch, tmp_path: Path) -> None:
+    plain = invoke("distill", "--recipe", "nope")
+    assert plain.exit_code == 2 and "Traceback" not in plain.output
+    debug = invoke("--debug", "distill", "--recipe", "nope")
+    assert debug.exit_code != 0 and isinstance(debug.exception, cli.UserError)  # raised, not swallowed
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside broke\nsecond line")
+
+    monkeypatch.setattr("kdcli.engine.pipeline.run_seeds", broken)
+    result = invoke("distill", "--recipe", "quickstart", "--out", tmp_path / "out", "--device", "cpu")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "internal error (RuntimeError: something inside broke)" in lines[0] and "--debug" in lines[0]

@@ -135,3 +135,12 @@ def test_metrics_against_hand_computation() -> None:
     assert agree["agreement"] == 100.0 and abs(agree["kl_teacher_student"]) < 1e-12
     mixed = ensemble_logits([logits, logits.flip(1)]).softmax(1)
     assert torch.allclose(mixed, (logits.softmax(1) + logits.flip(1).softmax(1)) / 2, atol=1e-6)
+
+
+def test_eval_every_evaluates_every_nth_and_the_last_epoch(tiny_recipe, tmp_path) -> None:
+    recipe = resolve_recipe(str(tiny_recipe(method="ce", epochs=3)), ["train.eval_every=2"])
+    ctx = RunContext(tmp_path, torch.device("cpu"), 0, Console(quiet=True))
+    summaries = pipeline.train_teacher(recipe, ctx, smoke=False)
+    history = pd.read_csv(tmp_path / "teacher/history.csv")
+    assert history["val_top1"].isna().tolist() == [True, False, False]  # epochs 2 (every 2nd) and 3 (the last)
+    assert summaries[0].results[0].best_epoch in (2, 3)

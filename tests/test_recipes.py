@@ -6,7 +6,7 @@ import pytest
 
 from kdcli.engine.pipeline import resolve_recipe
 from kdcli.errors import UserError
-from kdcli.recipes import Recipe, list_recipes
+from kdcli.recipes import Recipe, list_recipes, read_yaml
 
 
 @pytest.mark.parametrize("name", list_recipes())
@@ -85,3 +85,18 @@ def test_base_chain_and_bad_override(tmp_path) -> None:
     assert (r.name, r.train.epochs, r.teacher.arch, r.optim.lr) == ("mine", 7, "resnet32x4", 0.05)
     with pytest.raises(UserError, match="expected key.path=value"):
         resolve_recipe(str(path), ["train.epochs"])
+
+
+@pytest.mark.parametrize("spelling, value", [("5e-4", 5e-4), ("5.0e-4", 5e-4), ("1E3", 1000.0), (".5", 0.5),
+                                             ("1e+2", 100.0), ("0.05", 0.05)])
+def test_floats_in_every_spelling_ml_users_write(tmp_path, spelling: str, value: float) -> None:
+    """YAML 1.1 (PyYAML) reads `5e-4` as a string; recipes and --set read it as the float everyone means."""
+    assert resolve_recipe("quickstart", [f"optim.weight_decay={spelling}"]).optim.weight_decay == value
+    path = tmp_path / "r.yaml"
+    path.write_text(f"base: quickstart\noptim: {{weight_decay: {spelling}}}\n")
+    assert resolve_recipe(str(path)).optim.weight_decay == value
+
+
+def test_only_numbers_become_floats() -> None:
+    assert read_yaml("-2.5e+3") == -2500.0 and read_yaml("1_000") == 1000
+    assert [read_yaml(text) for text in ("5e-4e", "e5", "1e", "resnet8x4")] == ["5e-4e", "e5", "1e", "resnet8x4"]

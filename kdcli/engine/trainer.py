@@ -221,10 +221,8 @@ class Trainer:
         if not self.ctx.dist.is_main:
             return
         write_csv(self.dir / "history.csv", pd.DataFrame(self.history))
-        key = f"{self.recipe.train.eval_split}_top1"
         row = self.history[-1]
-        best = self._best_row()
-        is_best = key in row and best is row
+        is_best = self._best_row() is row  # None until the first evaluated epoch (train.eval_every > 1)
         for name in self.method.networks:
             net = self.method.networks[name]
             checkpoint.save_weights(net, self.ckpt_dir / f"{name}-last", self._meta(name, epoch))
@@ -269,10 +267,11 @@ class Trainer:
         return True
 
     # -- results ----------------------------------------------------------------------------------
-    def _best_row(self) -> dict[str, Any]:
+    def _best_row(self) -> dict[str, Any] | None:
+        """The evaluated epoch with the best selection accuracy (the earliest of equals); None before any."""
         key = f"{self.recipe.train.eval_split}_top1"
         evaluated = [row for row in self.history if key in row]
-        return max(evaluated, key=lambda row: row[key])  # first of equals: max keeps the earliest
+        return max(evaluated, key=lambda row: row[key], default=None)
 
     def _summary(self, seconds: float) -> RunSummary:
         split = self.recipe.train.eval_split

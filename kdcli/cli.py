@@ -128,6 +128,7 @@ def _context(recipe, out: Optional[Path], device: str, seed: int, smoke: bool, r
     requested = resolve_device(device)
     dist = init_distributed(requested)
     out = out or default_out_dir(recipe.name, command)
+    _not_a_file(out)
     if resume and not out.is_dir():
         raise UserError(f"--resume: {out} does not exist; pass the --out directory of the interrupted run")
     if not resume and out.is_dir() and any(out.iterdir()):
@@ -139,6 +140,11 @@ def _context(recipe, out: Optional[Path], device: str, seed: int, smoke: bool, r
     # Only rank 0 prints: the other ranks run the same loop and would repeat every line.
     return RunContext(out, local_device(requested, dist), seed, console if dist.is_main else Console(quiet=True),
                       max_steps=SMOKE_STEPS if smoke else None, resume=resume, dist=dist)
+
+
+def _not_a_file(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory; choose a directory path for --out")
 
 
 def _parse_seeds(seed: int, seeds: Optional[str]) -> list[int]:
@@ -232,6 +238,8 @@ def cache_teacher(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt,
                   batch_size: int = typer.Option(1024, "--batch-size", help="Views per teacher forward."),
                   device: str = DeviceOpt) -> None:
     """Compute the teacher's outputs on every augmentation view of every training image, once (resumable)."""
+    if out is not None:
+        _not_a_file(out)
     from kdcli.engine import pipeline
 
     if batch_size < 1:
@@ -263,6 +271,7 @@ def evaluate(checkpoints: List[Path] = typer.Argument(..., help="One or more che
              out: Optional[Path] = typer.Option(Path("."), "--out", "-o", help="Directory for evaluation.csv."),
              device: str = DeviceOpt, seed: int = SeedOpt, smoke: bool = SmokeOpt) -> None:
     """Top-1, top-5, NLL and ECE of checkpoints on a dataset split (and agreement with a teacher)."""
+    _not_a_file(out)
     from kdcli.engine.evaluation import evaluate_checkpoints
     from kdcli.engine.pipeline import resolve_device
 
@@ -284,6 +293,7 @@ def export(checkpoint: Path = typer.Argument(..., help="Checkpoint to export (.s
            image_size: Optional[int] = typer.Option(None, help="Input size (default: from the sidecar, else 32)."),
            seed: int = SeedOpt) -> None:
     """Export a network; every export is loaded back and compared with the PyTorch model."""
+    _not_a_file(out)
     from kdcli.engine.export import export_checkpoint
 
     frame, path = export_checkpoint(checkpoint, out, [f.strip() for f in formats.split(",") if f.strip()],
@@ -318,6 +328,7 @@ def measure_violations(
             Path("."), "--out", "-o", help="Directory for violations.csv (and violations-per-class.csv)."),
         device: str = DeviceOpt, seed: int = SeedOpt, smoke: bool = SmokeOpt) -> None:
     """How often a teacher's soft labels contradict mixed hard labels (IDA, Fig. 1), before and after the isotonic fix."""
+    _not_a_file(out)
     from kdcli import violations
     from kdcli.engine.io import write_csv
     from kdcli.engine.pipeline import prepare_data, resolve_device

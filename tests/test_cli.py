@@ -267,3 +267,40 @@ def test_debug_shows_the_traceback_and_an_internal_error_is_one_line(monkeypatch
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert "internal error (RuntimeError: something inside broke)" in lines[0] and "--debug" in lines[0]
+
+
+@pytest.mark.parametrize("command", [["distill", "--recipe", "quickstart"], ["evaluate", "x.safetensors"],
+                                     ["export", "x.safetensors"], ["measure-violations", "--recipe", "quickstart"],
+                                     ["cache-teacher", "--recipe", "quickstart"]])
+def test_out_naming_a_file_is_refused_and_the_file_kept(tmp_path: Path, command: list[str]) -> None:
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    result = invoke(*command, "--out", target)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "is a file, not a directory" in lines[0], result.output
+    assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_a_damaged_safetensors_checkpoint_is_one_line(distilled: Path, tmp_path: Path, damage: str) -> None:
+    good = (distilled / "kd/checkpoints/student-best.safetensors").read_bytes()
+    bad = tmp_path / "student-best.safetensors"
+    bad.write_bytes(good[: len(good) // 2] if damage == "truncated" else b"\xff" * 8 + good[8:])
+    before = bad.read_bytes()
+    result = invoke("evaluate", bad, "--arch", "resnet8", "--recipe", "quickstart", "--smoke", "--out", tmp_path / "e")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "is damaged or truncated" in lines[0], result.output
+    assert bad.read_bytes() == before
+
+
+def test_written_files_follow_the_umask(tmp_path: Path) -> None:
+    import os
+
+    from kdcli.engine.io import write_json
+
+    previous = os.umask(0o022)
+    try:
+        write_json(tmp_path / "shared.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -66,7 +67,12 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; check the path")
     if path.suffix == ".safetensors":
-        return load_file(str(path)), read_sidecar(path)
+        try:
+            return load_file(str(path)), read_sidecar(path)
+        except (SafetensorError, OSError, ValueError) as err:  # truncated, damaged header, unreadable sidecar
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"checkpoint {path} is damaged or truncated ({first}); use another copy, or the "
+                            "run's -last.safetensors") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling refusal or corruption becomes one line

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kdcli.errors import UserError
+from kdcli.errors import RunStopped, UserError
 
 if TYPE_CHECKING:  # pandas and torch load on first use: `kdcli --help` and `kdcli list recipes` start fast
     import pandas as pd
@@ -45,18 +45,18 @@ class _Options:
 
 
 def friendly(command: Callable) -> Callable:
-    """Bad input becomes one line on stderr and exit code 2; an unexpected error one line and exit code 1
-    (``--debug`` shows the traceback of either)."""
+    """Bad input becomes one line on stderr and exit code 2, a stopped run (non-finite loss) one line and exit
+    code 3, an unexpected error one line and exit code 1 (``--debug`` shows the traceback of any)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except UserError as err:
+        except (UserError, RunStopped) as err:
             if _Options.debug:
                 raise
             _error(str(err))
-            raise typer.Exit(2) from None
+            raise typer.Exit(2 if isinstance(err, UserError) else 3) from None
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback

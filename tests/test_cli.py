@@ -304,3 +304,36 @@ def test_written_files_follow_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+
+
+def test_a_non_finite_loss_stops_the_run_keeping_the_last_good_epoch(tiny_recipe, tmp_path: Path, monkeypatch) -> None:
+    from kdcli.engine.step import Engine
+
+    real = Engine.train_step
+
+    def poisoned(self, batch, info):
+        out = real(self, batch, info)
+        if info.step == 9:  # 240 training images / batch 32 = 7 steps per epoch: step 9 is in epoch 2
+            out.logs["kd"] = out.logs["kd"] * float("nan")
+        return out
+
+    monkeypatch.setattr(Engine, "train_step", poisoned)
+    recipe = tiny_recipe(method="kd", epochs=3)
+    teacher = tmp_path / "t"
+    assert invoke("train-teacher", "--recipe", recipe, "--out", teacher, "--device", "cpu", "--set",
+                  "train.epochs=1").exit_code == 0
+    result = invoke("distill", "--recipe", recipe, "--out", tmp_path / "d", "--device", "cpu", "--set",
+                    f"teacher.checkpoint={teacher}/teacher/checkpoints/teacher-best.safetensors")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 3, result.output
+    assert "the loss became non-finite at epoch 2, step 9 (kd)" in lines[-1] and "(epoch 1)" in lines[-1]
+    assert len(pd.read_csv(tmp_path / "d/kd/history.csv")) == 1  # epoch 2 was never saved
+    assert (tmp_path / "d/kd/checkpoints/student-last.safetensors").is_file()
+
+
+def test_a_diverging_learning_rate_exits_3_in_one_line(tiny_recipe, tmp_path: Path) -> None:
+    result = invoke("train-teacher", "--recipe", tiny_recipe(method="ce", epochs=2), "--set", "optim.lr=1e38",
+                    "--out", tmp_path / "nan", "--device", "cpu")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 3 and "non-finite at epoch 1" in lines[-1] and "no checkpoint was written" in lines[-1]
+    assert not (tmp_path / "nan/teacher/history.csv").exists()

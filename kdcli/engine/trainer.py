@@ -28,6 +28,7 @@ from kdcli.engine.distributed import DistEnv, barrier
 from kdcli.engine.io import write_csv
 from kdcli.engine.metrics import classification_metrics, ensemble_logits, predict
 from kdcli.engine.step import Engine
+from kdcli.errors import RunStopped
 from kdcli.methods.base import Batch, Method, StepInfo
 from kdcli.recipes import Recipe
 
@@ -65,6 +66,30 @@ class RunSummary:
     images_per_s: float
     out_dir: Path
     teacher_outputs: str = ""  # "live", "cache <folder>", or "" without a teacher
+
+
+class NonFiniteWatch:
+    """Remembers, on the device, the first step whose logged loss terms were not all finite (no host sync per
+    step: the trainer reads it once, at the end of the epoch)."""
+
+    def __init__(self) -> None:
+        self.step: torch.Tensor | None = None
+        self.finite: torch.Tensor | None = None
+        self.names: list[str] = []
+
+    def update(self, logs: dict[str, torch.Tensor], step: int) -> None:
+        finite = torch.stack([torch.isfinite(value) for value in logs.values()])
+        if self.step is None:
+            self.step, self.finite, self.names = torch.full((), -1, device=finite.device), finite, list(logs)
+        first = (self.step < 0) & ~finite.all()
+        self.step = torch.where(first, step, self.step)
+        self.finite = torch.where(first, finite, self.finite)
+
+    def first(self) -> tuple[int, list[str]] | None:
+        """``(step, non-finite term names)`` of the first bad step, or None."""
+        if self.step is None or self.step.item() < 0:
+            return None
+        return int(self.step.item()), [n for n, ok in zip(self.names, self.finite.tolist()) if not ok]
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
@@ -129,6 +154,7 @@ class Trainer:
         lr = self._lr()
         begin = time.perf_counter()
         shown = self._bar_shown()
+        watch = NonFiniteWatch()
         with self._progress() as progress:
             task = progress.add_task(f"{self.stage} epoch {epoch + 1}/{info.epochs}", total=steps, stats="")
             for i, (images, labels, indices, views) in enumerate(loader):
@@ -137,6 +163,7 @@ class Trainer:
                 info.step = self.step
                 out = self.engine.train_step(Batch(images, labels, indices, views=views), info)
                 self._say_notes()
+                watch.update(out.logs, self.step)
                 for name, value in out.logs.items():
                     sums[name] = sums.get(name, 0.0) + value
                 correct += (out.logits.argmax(1) == labels).sum()
@@ -148,6 +175,7 @@ class Trainer:
                     accuracy = 100 * correct.item() / seen
                     stats = f"loss {sums['loss'].item() / (i + 1):.4f} acc {accuracy:.1f}% {rate:.0f} img/s"
                     progress.update(task, completed=i + 1, stats=stats)
+        self._stop_if_diverged(watch, epoch)
         self.engine.end_epoch()
         seconds = time.perf_counter() - begin
         row = {"epoch": epoch + 1, "lr": lr}
@@ -155,6 +183,18 @@ class Trainer:
         row.update({"train_top1": 100.0 * correct.item() / max(seen, 1), "seconds": seconds,
                     "images_per_s": seen * self.ctx.dist.world / max(seconds, 1e-9)})
         return row
+
+    def _stop_if_diverged(self, watch: NonFiniteWatch, epoch: int) -> None:
+        """Stop the run (exit code 3) if a step's loss was NaN or infinite; this epoch is not saved."""
+        found = watch.first()
+        if found is None:
+            return
+        step, terms = found
+        kept = (f"the last good checkpoints are in {self.ckpt_dir} (epoch {self.history[-1]['epoch']})" if self.history
+                else "no epoch had finished, so no checkpoint was written")
+        raise RunStopped(f"{self.stage}: the loss became non-finite at epoch {epoch + 1}, step {step} "
+                         f"({', '.join(terms)}); training stopped and {kept}; lower optim.lr (now {self._lr():g}) "
+                         "or check the data, then run again")
 
     def _say_notes(self) -> None:
         seam = self.engine.teacher_seam

@@ -57,7 +57,7 @@ def friendly(command: Callable) -> Callable:
                 raise
             _error(str(err))
             raise typer.Exit(2 if isinstance(err, UserError) else 3) from None
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
             if _Options.debug:
@@ -119,10 +119,12 @@ def _load(recipe: str, overrides: Optional[List[str]], smoke: bool):
     return smoke_recipe(resolved) if smoke else resolved
 
 
-def _context(recipe, out: Optional[Path], device: str, seed: int, smoke: bool, resume: bool, command: str):
+def _context(recipe, out: Optional[Path], device: str, seeds: list[int], seeds_given: bool, smoke: bool,
+             resume: bool, command: str):
+    """The run's context after checking --out (and, with --resume, that it is the same run); records the run."""
     from kdcli.engine.distributed import barrier, init_distributed, local_device
-    from kdcli.engine.io import atomic_write
     from kdcli.engine.pipeline import SMOKE_STEPS, default_out_dir, resolve_device
+    from kdcli.engine.runs import Resumption, RunRecord, check_resume
     from kdcli.engine.trainer import RunContext
 
     requested = resolve_device(device)
@@ -133,13 +135,42 @@ def _context(recipe, out: Optional[Path], device: str, seed: int, smoke: bool, r
         raise UserError(f"--resume: {out} does not exist; pass the --out directory of the interrupted run")
     if not resume and out.is_dir() and any(out.iterdir()):
         raise UserError(f"output directory {out} is not empty; pass --resume to continue it or choose another --out")
+    plan = (check_resume(out, recipe, command, seeds if seeds_given else None) if resume
+            else Resumption(seeds, finished=False, grows=True))
     barrier()  # every rank has checked --out before rank 0 writes into it
-    if dist.is_main:
-        with atomic_write(out / "recipe.yaml") as handle:
-            handle.write(recipe.to_yaml())
+    if dist.is_main and plan.grows:
+        RunRecord(command, plan.seeds, smoke).write(out, recipe)
     # Only rank 0 prints: the other ranks run the same loop and would repeat every line.
-    return RunContext(out, local_device(requested, dist), seed, console if dist.is_main else Console(quiet=True),
-                      max_steps=SMOKE_STEPS if smoke else None, resume=resume, dist=dist)
+    ctx = RunContext(out, local_device(requested, dist), plan.seeds[0], console if dist.is_main else Console(quiet=True),
+                     max_steps=SMOKE_STEPS if smoke else None, resume=resume, dist=dist)
+    return ctx, plan
+
+
+def _resume_command(out: Path) -> str:
+    """The command line that started this process, with ``--resume --out OUT``."""
+    import shlex
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg in ("--out", "-o"):
+            skip = True
+        elif arg != "--resume" and not arg.startswith("--out="):
+            args.append(arg)
+    return shlex.join(["kdcli", *args, "--resume", "--out", str(out)])
+
+
+def _forget_failed_start(out: Path, remove_dir: bool) -> None:
+    """A run that failed before any stage began leaves nothing behind (so the same command works once fixed)."""
+    from kdcli.engine.runs import RECIPE_FILE, RUN_FILE
+
+    if not out.is_dir() or any(path.is_dir() for path in out.iterdir()):
+        return  # a stage started: its files are the user's to inspect or resume
+    for name in (RECIPE_FILE, RUN_FILE):
+        (out / name).unlink(missing_ok=True)
+    if remove_dir and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _not_a_file(out: Path) -> None:
@@ -170,8 +201,22 @@ def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smo
     if dry_run:
         console.print(resolved.to_yaml(), highlight=False, markup=False)
         return
-    ctx = _context(resolved, out, device, seed_list[0], smoke, resume, command)
-    frame = pipeline.run_seeds(command, resolved, ctx, smoke, seed_list, share_teacher=not teacher_per_seed)
+    pipeline.preflight(command, resolved, smoke)
+    existed = out is not None and out.exists()
+    ctx, plan = _context(resolved, out, device, seed_list, seeds is not None, smoke, resume, command)
+    if plan.finished:
+        _say(f"{ctx.out_dir} is a finished run (its results.csv is there); nothing to do. To train longer, resume "
+             "with a larger --set train.epochs=N")
+        return
+    try:
+        frame = pipeline.run_seeds(command, resolved, ctx, smoke, plan.seeds, share_teacher=not teacher_per_seed)
+    except KeyboardInterrupt:
+        _error(f"interrupted; the last finished epoch is saved. Continue with: {_resume_command(ctx.out_dir)}")
+        raise typer.Exit(130) from None
+    except BaseException:
+        if not resume:
+            _forget_failed_start(ctx.out_dir, remove_dir=not existed)
+        raise
     path = ctx.out_dir / "results.csv"
     if ctx.dist.is_main:
         write_csv(path, frame)

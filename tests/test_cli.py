@@ -337,3 +337,52 @@ def test_a_diverging_learning_rate_exits_3_in_one_line(tiny_recipe, tmp_path: Pa
     lines = result.output.strip().splitlines()
     assert result.exit_code == 3 and "non-finite at epoch 1" in lines[-1] and "no checkpoint was written" in lines[-1]
     assert not (tmp_path / "nan/teacher/history.csv").exists()
+
+
+def test_resume_refuses_another_recipe_and_a_finished_run_changes_nothing(tiny_recipe, tmp_path: Path) -> None:
+    recipe, out = tiny_recipe(method="ce", epochs=1), tmp_path / "run"
+    assert invoke("train-teacher", "--recipe", recipe, "--out", out, "--device", "cpu").exit_code == 0
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    other = invoke("train-teacher", "--recipe", recipe, "--out", out, "--resume", "--set", "optim.lr=0.1")
+    lines = other.output.strip().splitlines()
+    assert other.exit_code == 2 and len(lines) == 1, other.output
+    assert "differs from the one" in lines[0] and "'optim.lr' (run: 0.05, now: 0.1)" in lines[0]
+    done = invoke("train-teacher", "--recipe", recipe, "--out", out, "--resume", "--device", "cpu")
+    assert done.exit_code == 0 and "is a finished run" in done.output
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files  # not a byte changed
+    longer = invoke("train-teacher", "--recipe", recipe, "--out", out, "--resume", "--set", "train.epochs=2",
+                    "--device", "cpu")
+    assert longer.exit_code == 0 and len(pd.read_csv(out / "teacher/history.csv")) == 2  # epochs may grow
+
+
+def test_resuming_a_multi_seed_run_keeps_its_seeds(tiny_recipe, tmp_path: Path, interrupted) -> None:
+    recipe, out = tiny_recipe(method="ce", epochs=1), tmp_path / "seeds"
+    assert invoke("distill", "--recipe", recipe, "--seeds", "3,4", "--out", out, "--device", "cpu").exit_code == 0
+    table = (out / "results.csv").read_bytes()
+    again = invoke("distill", "--recipe", recipe, "--resume", "--out", out, "--device", "cpu")  # no --seeds
+    assert again.exit_code == 0 and "is a finished run" in again.output and (out / "results.csv").read_bytes() == table
+    other = invoke("distill", "--recipe", recipe, "--seeds", "0", "--resume", "--out", out)
+    assert other.exit_code == 2 and "started with --seeds 3,4" in other.output
+
+
+def test_a_failed_start_leaves_no_trace(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = invoke("distill", "--recipe", "quickstart", "--set", "student.arch=resnet9000", "--out", out,
+                    "--device", "cpu")
+    assert result.exit_code == 2 and not out.exists()  # so the same command works once the recipe is fixed
+    out.mkdir()
+    result = invoke("distill", "--recipe", "quickstart", "--set", "student.arch=resnet9000", "--out", out)
+    assert result.exit_code == 2 and out.is_dir() and not any(out.iterdir())  # an existing folder stays
+
+
+def test_ctrl_c_names_the_command_that_continues(tiny_recipe, tmp_path: Path, monkeypatch) -> None:
+    from kdcli.engine import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_seeds", interrupted)
+    monkeypatch.setattr(sys, "argv", ["kdcli", "distill", "--recipe", "r.yaml", "--out", "old", "--seed", "3"])
+    result = invoke("distill", "--recipe", tiny_recipe(), "--out", tmp_path / "run", "--device", "cpu")
+    assert result.exit_code == 130
+    assert f"Continue with: kdcli distill --recipe r.yaml --seed 3 --resume --out {tmp_path / 'run'}" in result.output

@@ -163,6 +163,26 @@ def train_teacher(recipe: Recipe, ctx: RunContext, smoke: bool) -> list[RunSumma
     return [run_stage("teacher", "ce", {"teacher": recipe.teacher.arch}, None, recipe, data, ctx)]
 
 
+def preflight(command: str, recipe: Recipe, smoke: bool) -> None:
+    """Check what can be checked before anything is written or trained: every architecture name and the
+    teacher checkpoint's existence (a typo in the student should not cost a teacher's training first)."""
+    from kdcli.models import check_model_name
+
+    archs = [recipe.teacher.arch] if recipe.teacher is not None else []
+    needs_teacher = False
+    if command == "distill":
+        cls = get_method(recipe.method.name)
+        student = recipe.student.arch if recipe.student is not None else None
+        archs += list(cls.networks_for(parse_params(cls, recipe.method.params), student).values())
+        needs_teacher = cls.teacher_taps is not None
+    for arch in archs:
+        check_model_name(arch)
+    checkpoint = recipe.teacher.checkpoint if recipe.teacher is not None and needs_teacher else None
+    if checkpoint is not None and not smoke and not Path(checkpoint).expanduser().is_file():
+        raise UserError(f"teacher.checkpoint {checkpoint} does not exist; fix the path, or --set teacher.checkpoint=null "
+                        "to train the teacher first")
+
+
 def run_seeds(command: str, recipe: Recipe, ctx: RunContext, smoke: bool, seeds: list[int],
               share_teacher: bool = True) -> pd.DataFrame:
     """Run ``command`` once per seed, each in ``out/seed-<s>`` when there are several; the results table.

@@ -29,9 +29,14 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     ``kwargs`` go to timm's ``create_model`` (zoo models accept none). Unknown names raise ``UserError``
     with the closest known names.
     """
+    check_model_name(name)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def check_model_name(name: str) -> None:
+    """:class:`UserError` with the closest known names unless timm (with the zoo registered) knows ``name``."""
     if not timm.is_model(name):
         raise UserError(_unknown_model_message(name))
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
 def _unknown_model_message(name: str) -> str:
@@ -56,5 +61,5 @@ def describe_models() -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["ZOO", "FeatureShapes", "Features", "Taps", "compile_taps", "create_model", "describe_models",
+__all__ = ["ZOO", "FeatureShapes", "Features", "Taps", "check_model_name", "compile_taps", "create_model", "describe_models",
            "feature_shapes", "forward_taps"]

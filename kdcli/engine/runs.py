@@ -1,0 +1,97 @@
+"""A run's output directory as a record: what started it, and the checks ``--resume`` makes against it.
+
+Beside ``recipe.yaml`` (the resolved recipe) a run keeps ``run.json``: the command, the seeds and whether
+it was a ``--smoke`` run. ``--resume`` continues a run only with the recipe it was started with (only
+``train.epochs`` may grow) and with its own seeds, so a resumed run is the run it claims to be.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kdcli.engine.io import atomic_write, write_json
+from kdcli.errors import UserError
+from kdcli.recipes import Recipe, read_yaml
+
+RECIPE_FILE = "recipe.yaml"
+RUN_FILE = "run.json"
+GROWABLE = ("train.epochs",)  # what a resumed run may change
+
+
+@dataclass
+class RunRecord:
+    command: str
+    seeds: list[int]
+    smoke: bool
+
+    def write(self, out: Path, recipe: Recipe) -> None:
+        with atomic_write(out / RECIPE_FILE) as handle:
+            handle.write(recipe.to_yaml())
+        write_json(out / RUN_FILE, asdict(self))
+
+
+@dataclass
+class Resumption:
+    seeds: list[int]
+    finished: bool  # the run completed and the recipe asks for no more epochs
+    grows: bool  # train.epochs grew: the record is rewritten
+
+
+def check_resume(out: Path, recipe: Recipe, command: str, seeds: list[int] | None) -> Resumption:
+    """What ``--resume`` of ``out`` will do; :class:`UserError` if the run was started differently.
+
+    ``seeds``: those given with ``--seeds`` (``None``: the run's own).
+    """
+    path = out / RECIPE_FILE
+    if not path.is_file():
+        raise UserError(f"--resume: {out} has no {RECIPE_FILE}, so it is not a kdcli run directory; pass the --out "
+                        "of the run to continue")
+    own = read_yaml(path.read_text())
+    key = first_difference(own, recipe.to_dict())
+    if key is not None and key not in GROWABLE:
+        raise UserError(f"--resume: the recipe differs from the one {out} was started with at '{key}' (run: "
+                        f"{_lookup(own, key)!r}, now: {_lookup(recipe.to_dict(), key)!r}); resume with the same recipe "
+                        "and --set options (only train.epochs may grow)")
+    before = int(own["train"]["epochs"])
+    if recipe.train.epochs < before:
+        raise UserError(f"--resume: train.epochs={recipe.train.epochs} is fewer than the run's {before}; "
+                        "train.epochs may only grow")
+    record = _read_record(out)
+    if record is not None and record.command != command:
+        raise UserError(f"--resume: {out} is a `kdcli {record.command}` run; resume it with kdcli {record.command}")
+    run_seeds = record.seeds if record is not None else seeds or [0]
+    if seeds is not None and record is not None and seeds != record.seeds:
+        raise UserError(f"--resume: {out} was started with --seeds {','.join(map(str, record.seeds))}; resume it "
+                        "with the same --seeds, or without --seeds")
+    grows = recipe.train.epochs > before
+    return Resumption(run_seeds, finished=(out / "results.csv").is_file() and not grows, grows=grows)
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """The first dotted key at which two nested mappings differ (``None``: equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            found = first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if found is not None:
+                return found
+        return None
+    return None if a == b else prefix.rstrip(".")
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _read_record(out: Path) -> RunRecord | None:
+    path = out / RUN_FILE
+    if not path.is_file():
+        return None  # a run written before run.json existed
+    try:
+        return RunRecord(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as error:
+        raise UserError(f"--resume: {path} is unreadable ({error}); it is not a kdcli run record") from None

@@ -129,7 +129,7 @@ def _context(recipe, out: Optional[Path], device: str, seeds: list[int], seeds_g
 
     requested = resolve_device(device)
     dist = init_distributed(requested)
-    out = out or default_out_dir(recipe.name, command)
+    out = out or default_out_dir(recipe.name, command, smoke)
     _not_a_file(out)
     if resume and not out.is_dir():
         raise UserError(f"--resume: {out} does not exist; pass the --out directory of the interrupted run")

@@ -386,3 +386,21 @@ def test_ctrl_c_names_the_command_that_continues(tiny_recipe, tmp_path: Path, mo
     result = invoke("distill", "--recipe", tiny_recipe(), "--out", tmp_path / "run", "--device", "cpu")
     assert result.exit_code == 130
     assert f"Continue with: kdcli distill --recipe r.yaml --seed 3 --resume --out {tmp_path / 'run'}" in result.output
+
+
+def test_smoke_runs_are_marked_and_never_picked_as_the_teacher(tmp_path: Path, monkeypatch) -> None:
+    from kdcli.engine import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train-teacher", "--recipe", "quickstart", "--smoke", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    [run] = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("quickstart-train-teacher-smoke-")
+    assert pd.read_csv(run / "results.csv")["smoke"].all()
+    assert "SMOKE RUN" in (run / "recipe.yaml").read_text()
+    assert (run / pipeline.TEACHER_CHECKPOINT).is_file() and pipeline.newest_trained_teacher("quickstart") is None
+    real = tmp_path / "runs/quickstart-distill-20260101-000000" / pipeline.TEACHER_CHECKPOINT
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"x")
+    assert pipeline.newest_trained_teacher("quickstart") == Path("runs/quickstart-distill-20260101-000000") / \
+        pipeline.TEACHER_CHECKPOINT

@@ -17,6 +17,7 @@ continues an interrupted one from its last epoch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import time
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from kdcli.recipes import Recipe, find_recipe, load_recipe
 
 SMOKE_STEPS = 2
 SMOKE_BATCH = 16
+SMOKE_MARK = "SMOKE RUN (a few steps on generated data, random teacher if none is found): "
 
 
 def resolve_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
@@ -71,30 +73,43 @@ def resolve_device(name: str) -> torch.device:
 
 
 def smoke_recipe(recipe: Recipe) -> Recipe:
-    """The same recipe shrunk to a few steps: one epoch, small batches, evaluated on the smoke test split."""
+    """The same recipe shrunk to a few steps: one epoch, small batches, evaluated on the smoke test split; its
+    description says it is a smoke run (so does its recipe.yaml)."""
     train = dataclasses.replace(recipe.train, epochs=1, batch_size=min(recipe.train.batch_size, SMOKE_BATCH),
                                 eval_batch_size=min(recipe.train.eval_batch_size, 2 * SMOKE_BATCH), eval_split="test")
-    return dataclasses.replace(recipe, train=train)
+    return dataclasses.replace(recipe, train=train, description=f"{SMOKE_MARK}{recipe.description}")
 
 
 RUNS_DIR = Path("runs")
 TEACHER_CHECKPOINT = Path("teacher") / "checkpoints" / "teacher-best.safetensors"  # inside a run's --out
 
 
-def default_out_dir(recipe_name: str, command: str) -> Path:
-    """Where a run goes without --out: ``runs/<recipe>-<command>-<time>``."""
-    return RUNS_DIR / f"{recipe_name}-{command}-{datetime.now():%Y%m%d-%H%M%S}"
+def default_out_dir(recipe_name: str, command: str, smoke: bool = False) -> Path:
+    """Where a run goes without --out: ``runs/<recipe>-<command>[-smoke]-<time>``."""
+    return RUNS_DIR / f"{recipe_name}-{command}{'-smoke' if smoke else ''}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def newest_trained_teacher(recipe_name: str) -> Path | None:
     """The best teacher checkpoint of the newest default-``--out`` run of this recipe, if any.
 
     Only ``train-teacher`` and ``distill`` runs of exactly this recipe count (``quickstart-ida-...`` is not
-    a ``quickstart`` run); the most recently written checkpoint wins (an interrupted run's best so far too).
+    a ``quickstart`` run), never a ``--smoke`` run (its teacher saw generated data for two steps); the most
+    recently written checkpoint wins (an interrupted run's best so far too).
     """
     found = [path for command in ("train-teacher", "distill")
-             for path in RUNS_DIR.glob(f"{recipe_name}-{command}-*/{TEACHER_CHECKPOINT}")]
+             for path in RUNS_DIR.glob(f"{recipe_name}-{command}-*/{TEACHER_CHECKPOINT}")
+             if not _smoke_run(path.parents[2], command)]
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def _smoke_run(run: Path, command: str) -> bool:
+    if run.name.split(f"-{command}-", 1)[-1].startswith("smoke-"):
+        return True
+    record = run / "run.json"
+    try:
+        return bool(json.loads(record.read_text()).get("smoke")) if record.is_file() else False
+    except ValueError:
+        return False
 
 
 def prepare_data(recipe: Recipe, smoke: bool) -> DataBundle:
@@ -313,7 +328,7 @@ def results_frame(summaries: list[RunSummary], recipe: Recipe, ctx: RunContext, 
                 "epochs": recipe.train.epochs, "seed": ctx.seed, "stage_seconds": round(summary.seconds, 2),
                 "images_per_s": round(summary.images_per_s, 1), "wall_seconds": round(wall_seconds, 2),
                 "device": device_name(ctx.device), "precision": resolve_precision(recipe.train.precision, ctx.device),
-                "teacher_outputs": summary.teacher_outputs,
+                "teacher_outputs": summary.teacher_outputs, "smoke": ctx.max_steps is not None,
                 "kdcli": kdcli.__version__, "torch": torch.__version__,
                 "timm": timm.__version__, "python": platform.python_version(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),

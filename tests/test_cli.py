@@ -107,6 +107,15 @@ def test_export_onnx(distilled: Path, tmp_path: Path) -> None:
                     "--formats", "onnx")
     assert result.exit_code == 0, result.output
     assert pd.read_csv(tmp_path / "export.csv").loc[0, "max_abs_diff"] < 1e-4
+    # One self-contained file: no hidden temporary-named weights file beside it, so copying the .onnx is enough.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.csv", "student-best.onnx"]
+    import onnxruntime
+
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (tmp_path / "student-best.onnx").rename(moved / "student.onnx")
+    session = onnxruntime.InferenceSession(str(moved / "student.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"images": torch.zeros(2, 3, 32, 32).numpy()})[0].shape == (2, 20)  # tiny recipe: 20 classes
 
 
 def test_export_onnx_without_the_extra_is_one_line(distilled: Path, tmp_path: Path, monkeypatch) -> None:

@@ -72,9 +72,11 @@ def _onnx(model: nn.Module, example: torch.Tensor, stem: Path, meta: dict) -> tu
 
     path = stem.with_suffix(".onnx")
     batch = torch.export.Dim("batch")
+    # external_data=False: one self-contained file (weights inside, as a CIFAR or ImageNet classifier fits
+    # ONNX's 2 GB limit). With external data the weights would land beside the temporary file, under its name.
     atomic_save(path, lambda tmp: torch.onnx.export(
         model, (example,), tmp, input_names=["images"], output_names=["logits"],
-        dynamic_shapes=({0: batch},), dynamo=True, verbose=False))
+        dynamic_shapes=({0: batch},), dynamo=True, verbose=False, external_data=False))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (output,) = session.run(None, {"images": example.numpy()})
     return path, torch.from_numpy(output)

@@ -136,9 +136,9 @@ def _context(recipe, out: Optional[Path], device: str, seeds: list[int], seeds_g
     if not resume and out.is_dir() and any(out.iterdir()):
         raise UserError(f"output directory {out} is not empty; pass --resume to continue it or choose another --out")
     plan = (check_resume(out, recipe, command, seeds if seeds_given else None) if resume
-            else Resumption(seeds, finished=False, grows=True))
+            else Resumption(seeds, finished=False, grows=False))
     barrier()  # every rank has checked --out before rank 0 writes into it
-    if dist.is_main and plan.grows:
+    if dist.is_main and (plan.grows or not resume):
         RunRecord(command, plan.seeds, smoke).write(out, recipe)
     # Only rank 0 prints: the other ranks run the same loop and would repeat every line.
     ctx = RunContext(out, local_device(requested, dist), plan.seeds[0], console if dist.is_main else Console(quiet=True),

@@ -17,7 +17,6 @@ continues an interrupted one from its last epoch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from kdcli.devices import resolve_precision
 from kdcli.engine.cache import CachedTeacher, Manifest, build, default_dir, fingerprint, open_cache
 from kdcli.engine.checkpoint import load_model
 from kdcli.engine.io import write_csv
+from kdcli.engine.runs import read_record
 from kdcli.engine.step import build_method, prepare_teacher
 from kdcli.engine.trainer import RunContext, RunSummary, Trainer
 from kdcli.errors import UserError
@@ -98,18 +98,16 @@ def newest_trained_teacher(recipe_name: str) -> Path | None:
     """
     found = [path for command in ("train-teacher", "distill")
              for path in RUNS_DIR.glob(f"{recipe_name}-{command}-*/{TEACHER_CHECKPOINT}")
-             if not _smoke_run(path.parents[2], command)]
+             if not _smoke_run(path.parents[2])]
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
-def _smoke_run(run: Path, command: str) -> bool:
-    if run.name.split(f"-{command}-", 1)[-1].startswith("smoke-"):
-        return True
-    record = run / "run.json"
+def _smoke_run(run: Path) -> bool:
     try:
-        return bool(json.loads(record.read_text()).get("smoke")) if record.is_file() else False
-    except ValueError:
-        return False
+        record = read_record(run)
+    except UserError:  # an unreadable record: not a run to trust either
+        return True
+    return record is not None and record.smoke
 
 
 def prepare_data(recipe: Recipe, smoke: bool) -> DataBundle:
@@ -268,13 +266,18 @@ def teacher_cache(recipe: Recipe, teacher: nn.Module, data: DataBundle, ctx: Run
             raise UserError(f"teacher.cache={setting}: teacher caches serve in-memory datasets (cifar10, cifar100, "
                             "synthetic), whose augmentation has finitely many views; set teacher.cache=off")
         return None
-    precision = resolve_precision(recipe.teacher.precision, ctx.device)
-    print_ = fingerprint(teacher, recipe.teacher.arch, data.train, recipe.data.dataset, precision)
+    print_ = _fingerprint(recipe, teacher, data.train, ctx.device)
     mixes = "" if method.shows_loader_views() else f"method '{method.name}' shows the teacher mixed images"
     cache, note = open_cache(setting, print_, method.teacher_taps, data.train.origins(), ctx.device, mixes)
     if note and ctx.dist.is_main:
         ctx.console.print(note, highlight=False, markup=False)
     return cache
+
+
+def _fingerprint(recipe: Recipe, teacher: nn.Module, split: TensorSplit, device: torch.device) -> dict[str, object]:
+    """The cache fingerprint of the recipe's teacher on ``split``, at the precision it runs in on ``device``."""
+    precision = resolve_precision(recipe.teacher.precision, device)
+    return fingerprint(teacher, recipe.teacher.arch, split, recipe.data.dataset, precision)
 
 
 @dataclass
@@ -298,8 +301,7 @@ def cache_teacher(recipe: Recipe, out: Path | None, features: bool, device: torc
         raise UserError(f"dataset '{recipe.data.dataset}': teacher caches serve in-memory datasets (cifar10, cifar100, "
                         "synthetic), whose augmentation has finitely many views")
     teacher = load_teacher(recipe.teacher.checkpoint, recipe.teacher.arch, data.num_classes, False, console).to(device)
-    precision = resolve_precision(recipe.teacher.precision, device)
-    print_ = fingerprint(teacher, recipe.teacher.arch, data.train, recipe.data.dataset, precision)
+    print_ = _fingerprint(recipe, teacher, data.train, device)
     folder = out or default_dir(print_, features)
     channels_last = recipe.train.channels_last
     network, _ = prepare_teacher(teacher, recipe.teacher, channels_last, data.image_size)

@@ -37,7 +37,7 @@ class RunRecord:
 class Resumption:
     seeds: list[int]
     finished: bool  # the run completed and the recipe asks for no more epochs
-    grows: bool  # train.epochs grew: the record is rewritten
+    grows: bool  # train.epochs grew, so the record is rewritten
 
 
 def check_resume(out: Path, recipe: Recipe, command: str, seeds: list[int] | None) -> Resumption:
@@ -59,7 +59,7 @@ def check_resume(out: Path, recipe: Recipe, command: str, seeds: list[int] | Non
     if recipe.train.epochs < before:
         raise UserError(f"--resume: train.epochs={recipe.train.epochs} is fewer than the run's {before}; "
                         "train.epochs may only grow")
-    record = _read_record(out)
+    record = read_record(out)
     if record is not None and record.command != command:
         raise UserError(f"--resume: {out} is a `kdcli {record.command}` run; resume it with kdcli {record.command}")
     run_seeds = record.seeds if record is not None else seeds or [0]
@@ -87,11 +87,12 @@ def _lookup(tree: Any, key: str) -> Any:
     return tree
 
 
-def _read_record(out: Path) -> RunRecord | None:
+def read_record(out: Path) -> RunRecord | None:
+    """The ``run.json`` of run directory ``out`` (None for a run written before it existed)."""
     path = out / RUN_FILE
     if not path.is_file():
         return None  # a run written before run.json existed
     try:
         return RunRecord(**json.loads(path.read_text()))
     except (ValueError, TypeError) as error:
-        raise UserError(f"--resume: {path} is unreadable ({error}); it is not a kdcli run record") from None
+        raise UserError(f"{path} is unreadable ({error}); it is not a kdcli run record") from None

@@ -87,9 +87,10 @@ class NonFiniteWatch:
 
     def first(self) -> tuple[int, list[str]] | None:
         """``(step, non-finite term names)`` of the first bad step, or None."""
-        if self.step is None or self.step.item() < 0:
+        step = -1 if self.step is None else int(self.step.item())
+        if step < 0:
             return None
-        return int(self.step.item()), [n for n, ok in zip(self.names, self.finite.tolist()) if not ok]
+        return step, [name for name, ok in zip(self.names, self.finite.tolist()) if not ok]
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kdcli.errors import RunStopped, UserError
+from kdcli.errors import RunInterrupted, RunStopped, UserError
 
 if TYPE_CHECKING:  # pandas and torch load on first use: `kdcli --help` and `kdcli list recipes` start fast
     import pandas as pd
@@ -210,8 +210,11 @@ def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smo
         return
     try:
         frame = pipeline.run_seeds(command, resolved, ctx, smoke, plan.seeds, share_teacher=not teacher_per_seed)
-    except KeyboardInterrupt:
-        _error(f"interrupted; the last finished epoch is saved. Continue with: {_resume_command(ctx.out_dir)}")
+    except RunInterrupted as stop:  # SIGINT/SIGTERM during training: a recovery point was written
+        _error(f"{stop}. Continue with: {_resume_command(ctx.out_dir)}")
+        raise typer.Exit(stop.exit_code) from None
+    except KeyboardInterrupt:  # Ctrl-C twice, or outside the training loop
+        _error(f"interrupted; the last saved step is kept. Continue with: {_resume_command(ctx.out_dir)}")
         raise typer.Exit(130) from None
     except BaseException:
         if not resume:

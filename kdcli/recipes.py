@@ -134,7 +134,9 @@ class TrainConfig:
     1.06 ± 0.57 top-1 points over 3 seeds on the quickstart, see the README's Performance section); ``auto``
     is bf16 autocast on CUDA GPUs and CPUs with native bf16, fp32 elsewhere; ``fp16`` adds a gradient scaler.
     ``channels_last`` stores images and weights NHWC (faster convolutions on CPUs and tensor cores);
-    ``compile`` runs the networks through ``torch.compile``."""
+    ``compile`` runs the networks through ``torch.compile``. ``save_every_steps`` and ``save_every_minutes``
+    write a recovery checkpoint in the middle of an epoch (0: never), from which ``--resume`` continues
+    exactly; the end of every epoch is saved anyway."""
 
     epochs: int = 240
     batch_size: int = 64
@@ -145,6 +147,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     baseline: bool = False
+    save_every_steps: int = 0
+    save_every_minutes: float = 10.0
 
 
 @dataclass
@@ -334,6 +338,9 @@ def _validate(recipe: Recipe, source: str) -> None:
         (recipe.train.epochs >= 1, "train.epochs", "must be >= 1"),
         (recipe.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
         (recipe.train.eval_every >= 1, "train.eval_every", "must be >= 1"),
+        (recipe.train.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1"),
+        (recipe.train.save_every_steps >= 0, "train.save_every_steps", "must be >= 0 (0: only at epoch ends)"),
+        (recipe.train.save_every_minutes >= 0, "train.save_every_minutes", "must be >= 0 (0: never by time)"),
         (recipe.optim.lr > 0, "optim.lr", "must be > 0"),
         (recipe.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
         (len(recipe.optim.betas) == 2 and all(0 <= b < 1 for b in recipe.optim.betas), "optim.betas",

@@ -70,10 +70,10 @@ def interrupted(monkeypatch):
     def run_killed(run, epoch: int = 1) -> None:
         real_epoch = Trainer._train_epoch
 
-        def killed(self, current: int):
-            if current == epoch:
+        def killed(self, progress):
+            if progress.epoch == epoch:
                 raise KeyboardInterrupt
-            return real_epoch(self, current)
+            return real_epoch(self, progress)
 
         monkeypatch.setattr(Trainer, "_train_epoch", killed)
         try:

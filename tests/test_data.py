@@ -257,6 +257,21 @@ def test_loader_is_reproducible_from_seed_and_epoch():
     assert not torch.equal(epoch0[0][2], _epoch(make_loader(split, 16, train=True, device=CPU, seed=4), 0)[0][2])
 
 
+def test_a_loader_started_mid_epoch_yields_the_rest_of_that_epoch_exactly(tmp_path):
+    """What a step-exact resume relies on: ``set_epoch(e, start=k)`` gives batches k.. of the full epoch e (the
+    in-memory path replays the skipped batches' crop and flip draws; folder crops are seeded per sample)."""
+    loader = make_loader(_split(), 8, train=True, device=CPU, seed=3)
+    full = _epoch(loader, 2)
+    loader.set_epoch(2, start=3)
+    assert len(full) == 6 and _same_batches(list(loader), full[3:])
+    _write_tree(tmp_path, {"train": 4, "test": 1})
+    folder = build_data(DataConfig("imagefolder", root=str(tmp_path), image_size=12, num_workers=0)).train
+    loader = make_loader(folder, 2, train=True, device=CPU, seed=7)
+    full = _epoch(loader, 1)
+    loader.set_epoch(1, start=2)
+    assert len(full) == 4 and _same_batches(list(loader), full[2:])
+
+
 def test_train_and_eval_batching():
     split = _split(50)
     train = make_loader(split, 16, train=True, device=CPU, seed=0)

@@ -119,11 +119,12 @@ class BatchLoader:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mean = torch.tensor(split.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(split.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iteration reproduces."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch whose order and augmentation the next iteration reproduces, from its batch ``start``
+        on (a run resumed mid-epoch: the batches before are skipped, their random draws replayed)."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         per_rank = math.ceil(len(self.split) / self.shard[1])
@@ -152,12 +153,15 @@ class BatchLoader:
         augment = self.train and (split.crop_padding > 0 or split.hflip)
         grid = ViewGrid(split.crop_padding, split.hflip)
         gen = torch.Generator().manual_seed(augment_seed)
-        for index in batches:
-            index = index.to(self.device, non_blocking=True)
-            batch, views = images[index], None
+        for number, index in enumerate(batches):
             if augment:  # the view is drawn first, then the image is cut to it
                 offsets = torch.randint(2 * split.crop_padding + 1, (index.numel(), 2), generator=gen)
                 flips = (torch.rand(index.numel(), generator=gen) < 0.5) & split.hflip
+            if number < self.start:
+                continue
+            index = index.to(self.device, non_blocking=True)
+            batch, views = images[index], None
+            if augment:
                 views = grid.ids(offsets, flips).to(self.device, non_blocking=True)
                 batch = crop_flip(batch, offsets.to(self.device), flips.to(self.device), split.crop_padding)
             elif self.train:  # no crop and no flip: every image has the one view 0
@@ -167,6 +171,7 @@ class BatchLoader:
     def _folder_batches(self, split: FolderSplit, batches: list[Tensor],
                         augment_seed: int) -> Iterator[LoadedBatch]:
         on_gpu = self.device.type == "cuda"
+        batches = batches[self.start:]  # each sample's crop is seeded by its position: nothing to replay
         loader = DataLoader(EpochView(split, augment_seed if self.train else None),
                             batch_sampler=[index.tolist() for index in batches], num_workers=split.num_workers,
                             pin_memory=on_gpu, generator=torch.Generator().manual_seed(augment_seed))

@@ -47,10 +47,22 @@ def save_train_state(directory: Path, state: dict[str, Any]) -> None:
 
 
 def load_train_state(directory: Path) -> dict[str, Any] | None:
+    """The epoch-end training state in ``directory`` (None if no epoch has finished)."""
     path = directory / STATE_FILE
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_train_state(path) if path.is_file() else None
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged file (or one that carries code) becomes one line
+        raise UserError(f"training state {path} is unreadable ({_first_line(err)}); delete it to resume from the "
+                        "previous state, or start the run again") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -70,14 +82,12 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         try:
             return load_file(str(path)), read_sidecar(path)
         except (SafetensorError, OSError, ValueError) as err:  # truncated, damaged header, unreadable sidecar
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"checkpoint {path} is damaged or truncated ({first}); use another copy, or the "
+            raise UserError(f"checkpoint {path} is damaged or truncated ({_first_line(err)}); use another copy, or the "
                             "run's -last.safetensors") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling refusal or corruption becomes one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read checkpoint {path} safely (weights_only=True): {first}; "
+        raise UserError(f"cannot read checkpoint {path} safely (weights_only=True): {_first_line(err)}; "
                         "re-save it as a plain state_dict or safetensors") from None
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

@@ -73,3 +73,12 @@ def barrier() -> None:
     """Wait for every rank (a no-op for a single process): e.g. until rank 0 has written a checkpoint."""
     if _group_active():
         torch.distributed.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank (every rank must call it; a no-op for a single process)."""
+    if not _group_active():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())

@@ -44,6 +44,13 @@ def _replacing(path: str | Path) -> Iterator[str]:
         raise
 
 
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete the temporary files that a process killed in the middle of an atomic write left under ``directory``."""
+    for path in Path(directory).rglob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+
+
 def _umask() -> int:
     current = os.umask(0)  # the only way to read it is to set it
     os.umask(current)

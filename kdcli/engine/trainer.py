@@ -3,8 +3,10 @@
 Per epoch: the loader is re-seeded from (seed, epoch), the method takes its steps, the schedulers
 step, the networks are evaluated every ``eval_every`` epochs (and at the last one), a row goes to
 ``history.csv`` and the last (and best) checkpoints plus the full training state are written
-atomically. Because every random draw is derived from (seed, epoch) or restored from the saved RNG
-state, a run resumed at an epoch boundary reproduces the uninterrupted run bit for bit.
+atomically. In between, recovery points (:mod:`kdcli.engine.recovery`) are written every
+``train.save_every_steps`` steps or ``train.save_every_minutes``, and when SIGINT or SIGTERM asks the run to
+stop. Because every random draw is derived from (seed, epoch) or restored from the saved states, a run
+resumed from any of them reproduces the uninterrupted run bit for bit (on the CPU).
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ from typing import Any
 import pandas as pd
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from kdcli.data import DataBundle, make_loader
 from kdcli.engine import checkpoint
 from kdcli.engine.cache import CachedTeacher
-from kdcli.engine.distributed import DistEnv, barrier
-from kdcli.engine.io import write_csv
+from kdcli.engine.distributed import DistEnv, any_rank, barrier
+from kdcli.engine.io import remove_stale_temporaries, write_csv
 from kdcli.engine.metrics import classification_metrics, ensemble_logits, predict
+from kdcli.engine.recovery import (EpochProgress, RecoveryClock, StopSignals, load_latest, prune, rng_state,
+                                   save_recovery, set_rng_state)
 from kdcli.engine.step import Engine
 from kdcli.errors import RunStopped
 from kdcli.methods.base import Batch, Method, StepInfo
@@ -118,6 +121,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.step = 0
+        self.clock = RecoveryClock(train.save_every_steps, train.save_every_minutes)
+        self.signals = StopSignals()
 
     # -- public -----------------------------------------------------------------------------------
     def fit(self) -> RunSummary:
@@ -126,64 +131,94 @@ class Trainer:
         if seam is not None and self.ctx.dist.is_main:
             self.ctx.console.print(f"{self.stage}: teacher runs {seam.describe()}", highlight=False, markup=False)
         self._say_notes()
-        if self.ctx.resume and self._restore():
-            where = escape(str(self.ckpt_dir))
-            self.ctx.console.print(f"[cyan]{self.stage}[/]: resumed after epoch {self.start_epoch} from {where}")
-        started = time.perf_counter() - sum(row["seconds"] for row in self.history)
-        for epoch in range(self.start_epoch, epochs):
-            row = self._train_epoch(epoch)
-            if (epoch + 1) % self.recipe.train.eval_every == 0 or epoch + 1 == epochs:
-                row.update(self._evaluate())
-            self.history.append(row)
-            self._save(epoch)
-            self._report(row)
+        progress = self._restore() if self.ctx.resume else None
+        started = time.perf_counter() - sum(row["seconds"] for row in self.history) - (progress.seconds if progress else 0)
+        with self.signals:
+            for epoch in range(self.start_epoch, epochs):
+                row = self._train_epoch(progress or self._new_epoch(epoch))
+                progress = None
+                if (epoch + 1) % self.recipe.train.eval_every == 0 or epoch + 1 == epochs:
+                    row.update(self._evaluate())
+                self.history.append(row)
+                self._save(epoch)
+                self._report(row)
+                if self._stop_requested(force=True) and epoch + 1 < epochs:
+                    raise self.signals.interruption(f"{self.stage} stopped after epoch {epoch + 1}, which is saved")
         seconds = time.perf_counter() - started
         barrier()  # rank 0's checkpoints are on disk before any rank goes on (e.g. to load the teacher)
         return self._summary(seconds)
 
     # -- training ---------------------------------------------------------------------------------
-    def _train_epoch(self, epoch: int) -> dict[str, Any]:
-        method, loader = self.method, self.train_loader
+    def _new_epoch(self, epoch: int) -> EpochProgress:
+        return EpochProgress(epoch, self._lr(), torch.Generator().manual_seed(epoch_seed(self.ctx.seed, epoch, 1)))
+
+    def _train_epoch(self, progress: EpochProgress) -> dict[str, Any]:
+        """Train ``progress.epoch`` from batch ``progress.batches`` on; the epoch's history row."""
+        method, loader, epoch = self.method, self.train_loader, progress.epoch
         method.train()
-        loader.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(epoch_seed(self.ctx.seed, epoch, 1))
-        info = StepInfo(epoch, self.recipe.train.epochs, self.step, generator)
+        loader.set_epoch(epoch, start=progress.batches)
+        info = StepInfo(epoch, self.recipe.train.epochs, self.step, progress.generator)
         steps = len(loader) if self.ctx.max_steps is None else min(len(loader), self.ctx.max_steps)
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=self.ctx.device)
-        seen = 0
-        lr = self._lr()
-        begin = time.perf_counter()
+        begin = time.perf_counter() - progress.seconds
         shown = self._bar_shown()
         watch = NonFiniteWatch()
-        with self._progress() as progress:
-            task = progress.add_task(f"{self.stage} epoch {epoch + 1}/{info.epochs}", total=steps, stats="")
-            for i, (images, labels, indices, views) in enumerate(loader):
+        with self._progress() as bar:
+            task = bar.add_task(f"{self.stage} epoch {epoch + 1}/{info.epochs}", total=steps,
+                                completed=progress.batches, stats="")
+            for i, (images, labels, indices, views) in enumerate(loader, start=progress.batches):
                 if i >= steps:
                     break
                 info.step = self.step
                 out = self.engine.train_step(Batch(images, labels, indices, views=views), info)
                 self._say_notes()
                 watch.update(out.logs, self.step)
-                for name, value in out.logs.items():
-                    sums[name] = sums.get(name, 0.0) + value
-                correct += (out.logits.argmax(1) == labels).sum()
-                seen += labels.numel()
-                self.step += 1
+                progress.add(out.logs, (out.logits.argmax(1) == labels).sum(), labels.numel())
+                progress.batches, self.step = i + 1, self.step + 1
+                if self._synced(i + 1):
+                    self._stop_if_diverged(watch, epoch)
+                if i + 1 < steps:
+                    self._recover_if_due(progress, begin, watch)
                 # .item() waits for the GPU: only for a visible bar, and only every 10 steps.
                 if shown and ((i + 1) % 10 == 0 or i + 1 == steps):
-                    rate = seen / max(time.perf_counter() - begin, 1e-9)
-                    accuracy = 100 * correct.item() / seen
-                    stats = f"loss {sums['loss'].item() / (i + 1):.4f} acc {accuracy:.1f}% {rate:.0f} img/s"
-                    progress.update(task, completed=i + 1, stats=stats)
+                    rate = progress.seen / max(time.perf_counter() - begin, 1e-9)
+                    accuracy = 100 * progress.correct.item() / progress.seen
+                    stats = f"loss {progress.sums['loss'].item() / (i + 1):.4f} acc {accuracy:.1f}% {rate:.0f} img/s"
+                    bar.update(task, completed=i + 1, stats=stats)
         self._stop_if_diverged(watch, epoch)
         self.engine.end_epoch()
         seconds = time.perf_counter() - begin
-        row = {"epoch": epoch + 1, "lr": lr}
-        row.update({name: (value / max(steps, 1)).item() for name, value in sums.items()})
-        row.update({"train_top1": 100.0 * correct.item() / max(seen, 1), "seconds": seconds,
-                    "images_per_s": seen * self.ctx.dist.world / max(seconds, 1e-9)})
+        row = {"epoch": epoch + 1, "lr": progress.lr}
+        row.update({name: (value / max(steps, 1)).item() for name, value in progress.sums.items()})
+        correct = 0.0 if progress.correct is None else progress.correct.item()
+        row.update({"train_top1": 100.0 * correct / max(progress.seen, 1), "seconds": seconds,
+                    "images_per_s": progress.seen * self.ctx.dist.world / max(seconds, 1e-9)})
         return row
+
+    def _synced(self, steps_done: int) -> bool:
+        """Whether this step is one where the host may wait for the device and the ranks for each other: every
+        step for one CPU process (free), every 10th on a GPU or under torchrun."""
+        sync_every = 1 if self.ctx.device.type == "cpu" and not self.ctx.dist.enabled else 10
+        return steps_done % sync_every == 0
+
+    def _stop_requested(self, force: bool = False) -> bool:
+        """Whether a signal asked the run to stop, agreed by every rank (they must stop at the same step)."""
+        if not self.ctx.dist.enabled:
+            return self.signals.received is not None
+        return force and any_rank(self.signals.received is not None, self.ctx.device)
+
+    def _recover_if_due(self, progress: EpochProgress, begin: float, watch: NonFiniteWatch) -> None:
+        """Write a recovery point when one is due or a signal asked to stop; then stop if asked."""
+        stop = self._stop_requested(force=self._synced(progress.batches))
+        if not (stop or self.clock.due(self.step)):
+            return
+        self._stop_if_diverged(watch, progress.epoch)  # a recovery point is never taken after a bad step
+        progress.seconds = time.perf_counter() - begin
+        if self.ctx.dist.is_main:
+            save_recovery(self.ckpt_dir, self._state(progress.epoch, progress))
+        self.clock.saved()
+        if stop:
+            raise self.signals.interruption(f"{self.stage} stopped at epoch {progress.epoch + 1}, step {self.step}, "
+                                            f"and saved a recovery point in {self.ckpt_dir}")
 
     def _stop_if_diverged(self, watch: NonFiniteWatch, epoch: int) -> None:
         """Stop the run (exit code 3) if a step's loss was NaN or infinite; this epoch is not saved."""
@@ -269,26 +304,28 @@ class Trainer:
             checkpoint.save_weights(net, self.ckpt_dir / f"{name}-last", self._meta(name, epoch))
             if is_best:
                 checkpoint.save_weights(net, self.ckpt_dir / f"{name}-best", self._meta(name, epoch))
-        checkpoint.save_train_state(self.ckpt_dir, self._state(epoch))
+        checkpoint.save_train_state(self.ckpt_dir, self._state(epoch + 1))
+        prune(self.ckpt_dir, below=self.step + 1)  # the epoch's recovery points are superseded
+        self.clock.saved()
 
-    def _state(self, epoch: int) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "epoch": epoch + 1, "step": self.step, "history": self.history,
+    def _state(self, epochs_done: int, progress: EpochProgress | None = None) -> dict[str, Any]:
+        """Everything --resume needs: after ``epochs_done`` epochs, plus ``progress`` into the next one."""
+        return {
+            "epoch": epochs_done, "step": self.step, "history": self.history,
             "method": self.method.state_dict(),
             "optimizers": {k: v.state_dict() for k, v in self.engine.optimizers.items()},
             "schedulers": {k: v.state_dict() for k, v in self.engine.schedulers.items()},
-            "scaler": self.engine.scaler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
+            "scaler": self.engine.scaler.state_dict(), "rng": rng_state(),
+            "progress": None if progress is None else progress.state_dict(),
             "config_hash": self.recipe.config_hash(), "teacher_outputs": self.teacher_outputs,
         }
-        if torch.cuda.is_available():
-            state["rng_cuda"] = torch.cuda.get_rng_state_all()
-        return state
 
-    def _restore(self) -> bool:
-        state = checkpoint.load_train_state(self.ckpt_dir)
+    def _restore(self) -> EpochProgress | None:
+        """Load the newest saved state (an epoch end or a recovery point); the unfinished epoch's progress."""
+        remove_stale_temporaries(self.dir)  # what a kill during a write left behind
+        state = load_latest(self.ckpt_dir)
         if state is None:
-            return False
+            return None
         self.method.load_state_dict(state["method"])
         for key, optimizer in self.engine.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][key])
@@ -296,16 +333,21 @@ class Trainer:
             scheduler.load_state_dict(state["schedulers"][key])
         if state.get("scaler"):
             self.engine.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        set_rng_state(state.get("rng") or {"torch": state["rng_cpu"], "cuda": state.get("rng_cuda")})
         self.start_epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
+        progress = state.get("progress")
+        progress = None if progress is None else EpochProgress.from_state(progress, self.ctx.device)
+        if self.ctx.dist.is_main:
+            where = (f"at epoch {progress.epoch + 1}, step {self.step}" if progress is not None
+                     else f"after epoch {self.start_epoch}")
+            self.ctx.console.print(f"{self.stage}: resumed {where} from {self.ckpt_dir}", highlight=False,
+                                   markup=False)
         before = state.get("teacher_outputs", self.teacher_outputs)
         if before != self.teacher_outputs and self.ctx.dist.is_main:
             self.ctx.console.print(f"{self.stage}: the teacher's outputs came from {before or 'nowhere'} before the "
                                    f"interruption and now from {self.teacher_outputs} (fp16 rounding differs: the "
                                    "resumed run is not bitwise the uninterrupted one)", highlight=False, markup=False)
-        return True
+        return progress
 
     # -- results ----------------------------------------------------------------------------------
     def _best_row(self) -> dict[str, Any] | None:

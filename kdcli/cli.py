@@ -32,12 +32,14 @@ err_console = Console(stderr=True)
 RecipeOpt = typer.Option(..., "--recipe", "-r", help="Recipe name (see `kdcli list recipes`) or YAML path.")
 SetOpt = typer.Option(None, "--set", help="Override a recipe key: --set train.epochs=10 (repeatable); "
                                              "--set method=ttm switches the method, with its defaults.")
-OutOpt = typer.Option(None, "--out", "-o", help="Output directory (default runs/<recipe>-<time>).")
+OutOpt = typer.Option(None, "--out", "-o", help="Output directory (default runs/<recipe>-<command>-<time>).")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 SeedOpt = typer.Option(0, "--seed", help="Random seed (recorded in results.csv).")
 DryOpt = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit.")
 SmokeOpt = typer.Option(False, "--smoke", help="A few steps on generated data with the recipe's real models.")
 ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run in --out.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the earlier result in a non-empty --out (written "
+                            "beside it and swapped in at the end, so a failure leaves the old one whole).")
 
 
 class _Options:
@@ -120,30 +122,33 @@ def _load(recipe: str, overrides: Optional[List[str]], smoke: bool):
 
 
 def _context(recipe, out: Optional[Path], device: str, seeds: list[int], seeds_given: bool, smoke: bool,
-             resume: bool, command: str):
+             resume: bool, overwrite: bool, command: str):
     """The run's context after checking --out (and, with --resume, that it is the same run); records the run."""
-    from kdcli.engine.distributed import barrier, init_distributed, local_device
-    from kdcli.engine.pipeline import SMOKE_STEPS, default_out_dir, resolve_device
-    from kdcli.engine.runs import Resumption, RunRecord, check_resume
+    from kdcli.engine.distributed import barrier, from_rank_zero, init_distributed, local_device
+    from kdcli.engine.outputs import Output, claim
+    from kdcli.engine.pipeline import SMOKE_STEPS, resolve_device
+    from kdcli.engine.runs import Resumption, RunRecord, check_resume, read_record
     from kdcli.engine.trainer import RunContext
 
     requested = resolve_device(device)
     dist = init_distributed(requested)
-    out = out or default_out_dir(recipe.name, command, smoke)
-    _not_a_file(out)
-    if resume and not out.is_dir():
+    output = from_rank_zero(claim(out, command, recipe.name, overwrite=overwrite, resume=resume, smoke=smoke))
+    if resume and not output.final.is_dir():
         raise UserError(f"--resume: {out} does not exist; pass the --out directory of the interrupted run")
-    if not resume and out.is_dir() and any(out.iterdir()):
-        raise UserError(f"output directory {out} is not empty; pass --resume to continue it or choose another --out")
-    plan = (check_resume(out, recipe, command, seeds if seeds_given else None) if resume
+    plan = (check_resume(output.final, recipe, command, seeds if seeds_given else None) if resume
             else Resumption(seeds, finished=False, grows=False))
+    record = read_record(output.final) if resume else None
+    if record is not None and record.replaces:  # an interrupted --overwrite: it still replaces its target
+        output = Output(Path(record.replaces), staging=output.final)
     barrier()  # every rank has checked --out before rank 0 writes into it
     if dist.is_main and (plan.grows or not resume):
-        RunRecord(command, plan.seeds, smoke).write(out, recipe)
+        replaces = str(output.final) if output.staging is not None else None
+        RunRecord(command, plan.seeds, smoke, replaces).write(output.dir, recipe)
     # Only rank 0 prints: the other ranks run the same loop and would repeat every line.
-    ctx = RunContext(out, local_device(requested, dist), plan.seeds[0], console if dist.is_main else Console(quiet=True),
-                     max_steps=SMOKE_STEPS if smoke else None, resume=resume, dist=dist)
-    return ctx, plan
+    ctx = RunContext(output.dir, local_device(requested, dist), plan.seeds[0],
+                     console if dist.is_main else Console(quiet=True), max_steps=SMOKE_STEPS if smoke else None,
+                     resume=resume, dist=dist)
+    return ctx, plan, output
 
 
 def _resume_command(out: Path) -> str:
@@ -173,11 +178,6 @@ def _forget_failed_start(out: Path, remove_dir: bool) -> None:
         out.rmdir()
 
 
-def _not_a_file(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory; choose a directory path for --out")
-
-
 def _parse_seeds(seed: int, seeds: Optional[str]) -> list[int]:
     if seeds is None:
         return [seed]
@@ -190,7 +190,7 @@ def _parse_seeds(seed: int, seeds: Optional[str]) -> list[int]:
     return parsed
 
 
-def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smoke, resume, seeds=None,
+def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smoke, resume, overwrite, seeds=None,
            teacher_per_seed: bool = False) -> None:
     """Run the recipe once per seed (each in its own sub-directory when there are several)."""
     from kdcli.engine import pipeline
@@ -202,8 +202,7 @@ def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smo
         console.print(resolved.to_yaml(), highlight=False, markup=False)
         return
     pipeline.preflight(command, resolved, smoke)
-    existed = out is not None and out.exists()
-    ctx, plan = _context(resolved, out, device, seed_list, seeds is not None, smoke, resume, command)
+    ctx, plan, output = _context(resolved, out, device, seed_list, seeds is not None, smoke, resume, overwrite, command)
     if plan.finished:
         _say(f"{ctx.out_dir} is a finished run (its results.csv is there); nothing to do. To train longer, resume "
              "with a larger --set train.epochs=N")
@@ -218,13 +217,13 @@ def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smo
         raise typer.Exit(130) from None
     except BaseException:
         if not resume:
-            _forget_failed_start(ctx.out_dir, remove_dir=not existed)
+            _forget_failed_start(ctx.out_dir, remove_dir=output.created or output.staging is not None)
         raise
-    path = ctx.out_dir / "results.csv"
     if ctx.dist.is_main:
-        write_csv(path, frame)
+        write_csv(ctx.out_dir / "results.csv", frame)
+        output.commit()
         _print_results(frame, f"{resolved.name}{' (smoke)' if smoke else ''}")
-        _say(f"results: {path}")
+        _say(f"results: {output.final / 'results.csv'}")
 
 
 def _print_results(frame: pd.DataFrame, title: str) -> None:
@@ -257,23 +256,23 @@ def _accuracy(row, metric: str, with_std: bool) -> str:
 @friendly
 def train_teacher(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
                   device: str = DeviceOpt, seed: int = SeedOpt, dry_run: bool = DryOpt, smoke: bool = SmokeOpt,
-                  resume: bool = ResumeOpt) -> None:
+                  resume: bool = ResumeOpt, overwrite: bool = OverwriteOpt) -> None:
     """Train the recipe's teacher network from scratch with cross-entropy."""
-    _train("train-teacher", recipe, set_, out, device, seed, dry_run, smoke, resume)
+    _train("train-teacher", recipe, set_, out, device, seed, dry_run, smoke, resume, overwrite)
 
 
 @app.command()
 @friendly
 def distill(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
             device: str = DeviceOpt, seed: int = SeedOpt, dry_run: bool = DryOpt, smoke: bool = SmokeOpt,
-            resume: bool = ResumeOpt,
+            resume: bool = ResumeOpt, overwrite: bool = OverwriteOpt,
             seeds: Optional[str] = typer.Option(None, "--seeds",
                                                 help="Run once per seed, e.g. 0,1,2; adds mean ± std rows."),
             teacher_per_seed: bool = typer.Option(
                 False, "--teacher-per-seed", help="With --seeds and no teacher checkpoint: train a teacher per seed "
                 "(default: one teacher, trained with the first seed, shared by all).")) -> None:
     """Distil the recipe's student from its teacher (training the teacher first if no checkpoint is given)."""
-    _train("distill", recipe, set_, out, device, seed, dry_run, smoke, resume, seeds, teacher_per_seed)
+    _train("distill", recipe, set_, out, device, seed, dry_run, smoke, resume, overwrite, seeds, teacher_per_seed)
 
 
 @app.command("cache-teacher")
@@ -284,25 +283,37 @@ def cache_teacher(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt,
                       "distill finds by itself; $KDCLI_CACHE moves it)."),
                   features: bool = typer.Option(False, "--features", help="Also cache pre-logit features (KDAV)."),
                   batch_size: int = typer.Option(1024, "--batch-size", help="Views per teacher forward."),
+                  overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild a cache in --out from scratch "
+                                                 "(without it, a cache in --out is finished, never replaced)."),
                   device: str = DeviceOpt) -> None:
     """Compute the teacher's outputs on every augmentation view of every training image, once (resumable)."""
-    if out is not None:
-        _not_a_file(out)
     from kdcli.engine import pipeline
+    from kdcli.engine.outputs import claim, writing
+    from kdcli.engine.runs import RunRecord
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     resolved = _load(recipe, set_, False)
-    report = pipeline.cache_teacher(resolved, out, features, pipeline.resolve_device(device), batch_size, console)
+    target = pipeline.resolve_device(device)
+    if out is None:  # the shared cache folder, named by the teacher's fingerprint
+        report = pipeline.cache_teacher(resolved, None, features, target, batch_size, console)
+        where = report.folder
+    else:  # a cache in --out is continued (a killed build recomputes only its missing shards): its own --resume
+        output = claim(out, "cache-teacher", resolved.name, overwrite=overwrite,
+                       resume=not overwrite and (out / "manifest.json").is_file())
+        with writing(output) as folder:
+            report = pipeline.cache_teacher(resolved, folder, features, target, batch_size, console)
+            RunRecord("cache-teacher", [0], False).write(folder)
+        where = output.final
     manifest = report.manifest
-    size = sum(p.stat().st_size for p in report.folder.glob("shard-*.safetensors")) / 2**20
+    size = sum(p.stat().st_size for p in where.glob("shard-*.safetensors")) / 2**20
     rate = report.computed_views / max(report.seconds, 1e-9)
     _say(f"teacher cache: {manifest.images} images x {manifest.views} views, {' + '.join(manifest.outputs)} "
-         f"(fp16, {size:.1f} MiB) in {report.folder}")
+         f"(fp16, {size:.1f} MiB) in {where}")
     _say(f"computed {report.computed_views} teacher forwards in {report.seconds:.1f}s ({rate:.0f}/s)"
          if report.computed_views else "already complete: nothing computed")
     hint = ("distill finds it by itself (teacher.cache: auto)" if out is None
-            else f"use it with --set teacher.cache={report.folder}")
+            else f"use it with --set teacher.cache={where}")
     _say(hint)
 
 
@@ -310,44 +321,72 @@ def cache_teacher(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt,
 @app.command()
 @friendly
 def evaluate(checkpoints: List[Path] = typer.Argument(..., help="One or more checkpoints (.safetensors or .pth)."),
-             recipe: str = typer.Option("quickstart", "--recipe", "-r", help="Recipe whose dataset to evaluate on."),
+             recipe: Optional[str] = typer.Option(
+                 None, "--recipe", "-r", help="Recipe whose dataset to evaluate on (default: the recipe.yaml of the "
+                 "run the first checkpoint belongs to, else the recipe its sidecar names)."),
              set_: Optional[List[str]] = SetOpt, split: str = typer.Option("test", help="test, val or train."),
              arch: Optional[str] = typer.Option(None, help="Architecture for .pth files without a sidecar."),
              teacher: Optional[Path] = typer.Option(None, help="Teacher checkpoint: adds agreement and KL."),
              teacher_arch: Optional[str] = typer.Option(None, help="Teacher architecture for a .pth teacher."),
              save_logits: Optional[Path] = typer.Option(None, help="Write per-sample logits (safetensors)."),
-             out: Optional[Path] = typer.Option(Path("."), "--out", "-o", help="Directory for evaluation.csv."),
-             device: str = DeviceOpt, seed: int = SeedOpt, smoke: bool = SmokeOpt) -> None:
+             out: Optional[Path] = typer.Option(
+                 None, "--out", "-o", help="Directory for evaluation.csv (default runs/<recipe>-evaluate-<time>)."),
+             overwrite: bool = OverwriteOpt, device: str = DeviceOpt, seed: int = SeedOpt,
+             smoke: bool = SmokeOpt) -> None:
     """Top-1, top-5, NLL and ECE of checkpoints on a dataset split (and agreement with a teacher)."""
-    _not_a_file(out)
-    from kdcli.engine.evaluation import evaluate_checkpoints
+    from kdcli.engine.evaluation import evaluate_checkpoints, recipe_of
+    from kdcli.engine.outputs import claim, writing
     from kdcli.engine.pipeline import resolve_device
+    from kdcli.engine.runs import RunRecord
 
-    resolved = _load(recipe, set_, smoke)
-    frame, path = evaluate_checkpoints(checkpoints, resolved, split, resolve_device(device), out, arch=arch,
-                                       teacher=teacher, teacher_arch=teacher_arch, save_logits=save_logits,
-                                       smoke=smoke, seed=seed, console=console)
-    _print_frame(frame, f"evaluate ({split})")
-    _say(f"results: {path}")
+    if split not in ("test", "val", "train"):
+        raise UserError(f"--split '{split}' is not a split; use test, val or train")
+    resolved = _load(recipe or recipe_of(checkpoints[0]), set_, smoke)
+    _refuse_existing_file(save_logits, overwrite, "--save-logits")
+    output = claim(out, "evaluate", resolved.name, overwrite=overwrite, smoke=smoke)
+    with writing(output) as folder:
+        frame, _ = evaluate_checkpoints(checkpoints, resolved, split, resolve_device(device), folder, arch=arch,
+                                        teacher=teacher, teacher_arch=teacher_arch, save_logits=save_logits,
+                                        smoke=smoke, seed=seed, console=console)
+        RunRecord("evaluate", [seed], smoke).write(folder, resolved)
+    _print_frame(frame, f"evaluate {resolved.name} ({split})")
+    _say(f"results: {output.final / 'evaluation.csv'}")
+
+
+def _refuse_existing_file(path: Optional[Path], overwrite: bool, option: str) -> None:
+    """The output policy for an option that names a file: an existing file is replaced only with --overwrite."""
+    if path is None or not path.exists():
+        return
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory; give a file path")
+    if not overwrite:
+        raise UserError(f"{option} {path} exists; pass --overwrite to replace it, or choose another path")
 
 
 @app.command()
 @friendly
 def export(checkpoint: Path = typer.Argument(..., help="Checkpoint to export (.safetensors or .pth)."),
-           out: Path = typer.Option(Path("export"), "--out", "-o", help="Output directory."),
+           out: Optional[Path] = typer.Option(
+               None, "--out", "-o", help="Output directory (default runs/<checkpoint>-export-<time>)."),
+           overwrite: bool = OverwriteOpt,
            arch: Optional[str] = typer.Option(None, help="Architecture for .pth files without a sidecar."),
            formats: str = typer.Option("auto", "--formats", help="Comma-separated: safetensors, torchscript, "
                                        "onnx; auto = all three when the onnx extra is installed, else the first two."),
            image_size: Optional[int] = typer.Option(None, help="Input size (default: from the sidecar, else 32)."),
            seed: int = SeedOpt) -> None:
     """Export a network; every export is loaded back and compared with the PyTorch model."""
-    _not_a_file(out)
     from kdcli.engine.export import export_checkpoint
+    from kdcli.engine.outputs import claim, writing
+    from kdcli.engine.runs import RunRecord
 
-    frame, path = export_checkpoint(checkpoint, out, [f.strip() for f in formats.split(",") if f.strip()],
-                                    arch=arch, image_size=image_size, seed=seed)
+    output = claim(out, "export", checkpoint.stem, overwrite=overwrite)
+    with writing(output) as folder:
+        frame, _ = export_checkpoint(checkpoint, folder, [f.strip() for f in formats.split(",") if f.strip()],
+                                     arch=arch, image_size=image_size, seed=seed)
+        RunRecord("export", [seed], False).write(folder)
+    frame["path"] = [str(output.final / Path(path).name) for path in frame["path"]]
     _print_frame(frame, "export")
-    _say(f"results: {path}")
+    _say(f"results: {output.final / 'export.csv'}")
 
 
 @app.command("measure-violations")
@@ -372,19 +411,35 @@ def measure_violations(
             False, "--per-class", help="Add a per-class breakdown (by primary label) and its CSV."),
         plot: Optional[Path] = typer.Option(
             None, "--plot", help="Draw the Kendall-tau distributions to this PNG (needs the plot extra)."),
-        out: Path = typer.Option(
-            Path("."), "--out", "-o", help="Directory for violations.csv (and violations-per-class.csv)."),
-        device: str = DeviceOpt, seed: int = SeedOpt, smoke: bool = SmokeOpt) -> None:
+        out: Optional[Path] = typer.Option(
+            None, "--out", "-o", help="Directory for violations.csv and violations-per-class.csv (default "
+            "runs/<recipe>-measure-violations-<time>)."),
+        overwrite: bool = OverwriteOpt, device: str = DeviceOpt, seed: int = SeedOpt, smoke: bool = SmokeOpt) -> None:
     """How often a teacher's soft labels contradict mixed hard labels (IDA, Fig. 1), before and after the isotonic fix."""
-    _not_a_file(out)
     from kdcli import violations
-    from kdcli.engine.io import write_csv
-    from kdcli.engine.pipeline import prepare_data, resolve_device
+    from kdcli.engine.outputs import claim, writing
 
     kinds = violations.parse_augmentations(augment)
     if plot is not None:
         violations.require_matplotlib()
+    if split not in ("train", "val", "test"):
+        raise UserError(f"--split '{split}' is not a split; use train, val or test")
     resolved = _load(recipe, set_, smoke)
+    _refuse_existing_file(plot, overwrite, "--plot")
+    output = claim(out, "measure-violations", resolved.name, overwrite=overwrite, smoke=smoke)
+    with writing(output) as folder:
+        _measure(resolved, kinds, checkpoint, arch, samples, split, alpha, tau, per_class, plot, folder, device, seed,
+                 smoke)
+    _say(f"results: {output.final / 'violations.csv'}")
+
+
+def _measure(resolved, kinds, checkpoint, arch, samples, split, alpha, tau, per_class, plot, out, device, seed,
+             smoke) -> None:
+    from kdcli import violations
+    from kdcli.engine.io import write_csv
+    from kdcli.engine.pipeline import prepare_data, resolve_device
+    from kdcli.engine.runs import RunRecord
+
     path, arch = violations.teacher_source(resolved, checkpoint, arch, smoke)
     if path is not None:
         _say(f"teacher: {path} ({arch})")
@@ -416,7 +471,7 @@ def measure_violations(
     if plot is not None:
         violations.plot_kendall(report, plot)
         _say(f"plot: {plot}")
-    _say(f"results: {out / 'violations.csv'}")
+    RunRecord("measure-violations", [seed], smoke).write(out, resolved)
 
 
 @bench_app.command("isotonic")
@@ -433,14 +488,16 @@ def bench_isotonic(
                                   "(resnet32x4 -> resnet8x4, batch 64, C=100) against one projection."),
         step_repeats: int = typer.Option(3, help="Timed training steps per method."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write bench-isotonic.csv (and -step.csv) here."),
-        seed: int = SeedOpt) -> None:
+        overwrite: bool = OverwriteOpt, seed: int = SeedOpt) -> None:
     """Batched exact isotonic projection vs the per-sample loop (speed-up), and its share of an ida step."""
     import torch
 
     from kdcli.bench import bench_ida_step
     from kdcli.bench import bench_isotonic as run_bench
     from kdcli.engine.io import write_csv
+    from kdcli.engine.outputs import claim, writing
     from kdcli.engine.pipeline import resolve_device
+    from kdcli.engine.runs import RunRecord
 
     try:
         counts = [int(c) for c in classes.split(",") if c.strip()]
@@ -449,6 +506,7 @@ def bench_isotonic(
     if not counts or min(counts) < 2 or min(batch, repeats, step_repeats) < 1 or threads < 0:
         raise UserError("bench isotonic: --classes needs integers >= 2 (e.g. 100,1000), --batch, --repeats and "
                         "--step-repeats must be >= 1, --threads >= 0")
+    output = claim(out, "bench-isotonic", "isotonic", overwrite=overwrite) if out is not None else None
     step_device = resolve_device(device)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
@@ -463,11 +521,13 @@ def bench_isotonic(
         row = steps.iloc[0]
         console.print(f"projection = {100 * row.projection_share:.3g}% of an ida step ({row.teacher} -> {row.student}, "
                       f"B={row.B}, C={row.C}, {row.device}); an ida step takes {row.ida_over_kd_aug:.3g}x a kd-aug step")
-    if out is not None:
-        write_csv(out / "bench-isotonic.csv", frame)
-        if steps is not None:
-            write_csv(out / "bench-isotonic-step.csv", steps)
-        _say(f"results: {out / 'bench-isotonic.csv'}")
+    if output is not None:
+        with writing(output) as folder:
+            write_csv(folder / "bench-isotonic.csv", frame)
+            if steps is not None:
+                write_csv(folder / "bench-isotonic-step.csv", steps)
+            RunRecord("bench-isotonic", [seed], False).write(folder)
+        _say(f"results: {output.final / 'bench-isotonic.csv'}")
 
 
 @bench_app.command("step")
@@ -484,6 +544,7 @@ def bench_step(
                                             "more than the reference DataLoader prefetches)."),
         workers: int = typer.Option(-1, help="DataLoader workers of the reference loop (-1: 4 on CUDA, 0 on CPU)."),
         results_file: Optional[Path] = typer.Option(None, "--results-file", help="Also write the table to this CSV."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --results-file."),
         seed: int = SeedOpt) -> None:
     """A recipe's distillation step: kdcli's path vs a plain PyTorch loop, images/s and speed-up in one run."""
     from kdcli.bench.step import bench_step as run_bench
@@ -493,6 +554,7 @@ def bench_step(
 
     names = parse_variants(variants)
     resolved = _load(recipe, set_, False)
+    _refuse_existing_file(results_file, overwrite, "--results-file")
     target = resolve_device(device)
     steps = steps if steps is not None else (20 if target.type == "cuda" else 2)
     if min(warmup + 1, repeats, steps) < 1:

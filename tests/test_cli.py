@@ -108,7 +108,7 @@ def test_export_onnx(distilled: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert pd.read_csv(tmp_path / "export.csv").loc[0, "max_abs_diff"] < 1e-4
     # One self-contained file: no hidden temporary-named weights file beside it, so copying the .onnx is enough.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.csv", "student-best.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.csv", "run.json", "student-best.onnx"]
     import onnxruntime
 
     moved = tmp_path / "elsewhere"
@@ -278,7 +278,8 @@ def test_debug_shows_the_traceback_and_an_internal_error_is_one_line(monkeypatch
     assert "internal error (RuntimeError: something inside broke)" in lines[0] and "--debug" in lines[0]
 
 
-@pytest.mark.parametrize("command", [["distill", "--recipe", "quickstart"], ["evaluate", "x.safetensors"],
+@pytest.mark.parametrize("command", [["distill", "--recipe", "quickstart"],
+                                     ["evaluate", "x.safetensors", "--recipe", "quickstart"],
                                      ["export", "x.safetensors"], ["measure-violations", "--recipe", "quickstart"],
                                      ["cache-teacher", "--recipe", "quickstart"]])
 def test_out_naming_a_file_is_refused_and_the_file_kept(tmp_path: Path, command: list[str]) -> None:

@@ -82,3 +82,12 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([int(flag)], device=device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value.item())
+
+
+def from_rank_zero(value: object) -> object:
+    """Rank 0's ``value`` on every rank (e.g. a default output path that contains the time); unchanged alone."""
+    if not _group_active():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

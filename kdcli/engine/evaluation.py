@@ -9,12 +9,13 @@ import torch
 from safetensors.torch import save_file
 
 from kdcli.data import make_loader
-from kdcli.engine.checkpoint import load_model
+from kdcli.engine.checkpoint import load_model, read_sidecar
 from kdcli.engine.io import atomic_save, write_csv
 from kdcli.engine.metrics import agreement_metrics, classification_metrics, predict
 from kdcli.engine.pipeline import prepare_data
+from kdcli.engine.runs import RECIPE_FILE
 from kdcli.errors import UserError
-from kdcli.recipes import Recipe
+from kdcli.recipes import Recipe, find_recipe
 
 
 def evaluate_checkpoints(checkpoints: list[Path], recipe: Recipe, split: str, device: torch.device, out: Path, *,
@@ -56,3 +57,24 @@ def _logits(path: Path, arch: str | None, num_classes: int, loader, device: torc
         raise UserError(f"checkpoint {path} predicts {produced} classes but the dataset has {num_classes}; "
                         "pick the matching --recipe")
     return predict(model.to(device), loader)
+
+
+def recipe_of(checkpoint: Path) -> str:
+    """The recipe a checkpoint was trained with, for ``evaluate`` without ``--recipe``: the ``recipe.yaml`` of the
+    run it sits in (``<run>/<stage>/checkpoints/``, or one level deeper under ``seed-<s>/``), else the shipped
+    recipe its sidecar names."""
+    checkpoint = Path(checkpoint).expanduser()
+    if not checkpoint.is_file():
+        raise UserError(f"checkpoint {checkpoint} does not exist; check the path")
+    for folder in list(checkpoint.parents)[2:4]:
+        if (folder / RECIPE_FILE).is_file():
+            return str(folder / RECIPE_FILE)
+    name = read_sidecar(checkpoint).get("recipe") if checkpoint.suffix == ".safetensors" else None
+    if name is None:
+        raise UserError(f"{checkpoint} names no recipe (no run's recipe.yaml above it, no sidecar); pass --recipe NAME")
+    try:
+        find_recipe(name)
+    except UserError:
+        raise UserError(f"{checkpoint} was trained with recipe '{name}', which is neither shipped nor beside it; "
+                        "pass --recipe PATH to that recipe's YAML") from None
+    return name

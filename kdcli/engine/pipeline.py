@@ -17,10 +17,10 @@ continues an interrupted one from its last epoch.
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -35,6 +35,7 @@ from kdcli.devices import resolve_precision
 from kdcli.engine.cache import CachedTeacher, Manifest, build, default_dir, fingerprint, open_cache
 from kdcli.engine.checkpoint import load_model
 from kdcli.engine.io import write_csv
+from kdcli.engine.outputs import RUNS_DIR
 from kdcli.engine.runs import read_record
 from kdcli.engine.step import build_method, prepare_teacher
 from kdcli.engine.trainer import RunContext, RunSummary, Trainer
@@ -80,13 +81,7 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, train=train, description=f"{SMOKE_MARK}{recipe.description}")
 
 
-RUNS_DIR = Path("runs")
 TEACHER_CHECKPOINT = Path("teacher") / "checkpoints" / "teacher-best.safetensors"  # inside a run's --out
-
-
-def default_out_dir(recipe_name: str, command: str, smoke: bool = False) -> Path:
-    """Where a run goes without --out: ``runs/<recipe>-<command>[-smoke]-<time>``."""
-    return RUNS_DIR / f"{recipe_name}-{command}{'-smoke' if smoke else ''}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def newest_trained_teacher(recipe_name: str) -> Path | None:
@@ -219,7 +214,8 @@ def run_seeds(command: str, recipe: Recipe, ctx: RunContext, smoke: bool, seeds:
         started = time.perf_counter()
         summaries = (train_teacher(recipe, seed_ctx, smoke) if command == "train-teacher"
                      else distill(recipe, seed_ctx, smoke, teacher))
-        frames.append(write_results(summaries, recipe, seed_ctx, time.perf_counter() - started).results)
+        frame = write_results(summaries, recipe, seed_ctx, time.perf_counter() - started).results
+        frames.append(frame.assign(checkpoint=[f"seed-{seed}/{path}" if path else "" for path in frame["checkpoint"]]))
     return with_seed_summary(pd.concat(frames, ignore_index=True))
 
 
@@ -316,7 +312,8 @@ def cache_teacher(recipe: Recipe, out: Path | None, features: bool, device: torc
 
 
 def results_frame(summaries: list[RunSummary], recipe: Recipe, ctx: RunContext, wall_seconds: float) -> pd.DataFrame:
-    """One row per stage and network, with the provenance needed to reproduce it."""
+    """One row per stage and network, with the provenance needed to reproduce it. Checkpoint paths are relative
+    to the run directory (``ctx.out_dir``, where results.csv is written), so a run can be moved or copied."""
     import timm
 
     import kdcli
@@ -330,6 +327,7 @@ def results_frame(summaries: list[RunSummary], recipe: Recipe, ctx: RunContext, 
                 "epochs": recipe.train.epochs, "seed": ctx.seed, "stage_seconds": round(summary.seconds, 2),
                 "images_per_s": round(summary.images_per_s, 1), "wall_seconds": round(wall_seconds, 2),
                 "device": device_name(ctx.device), "precision": resolve_precision(recipe.train.precision, ctx.device),
+                "checkpoint": os.path.relpath(result.checkpoint, ctx.out_dir) if result.checkpoint else "",
                 "teacher_outputs": summary.teacher_outputs, "smoke": ctx.max_steps is not None,
                 "kdcli": kdcli.__version__, "torch": torch.__version__,
                 "timm": timm.__version__, "python": platform.python_version(),

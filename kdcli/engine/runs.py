@@ -1,8 +1,11 @@
 """A run's output directory as a record: what started it, and the checks ``--resume`` makes against it.
 
-Beside ``recipe.yaml`` (the resolved recipe) a run keeps ``run.json``: the command, the seeds and whether
-it was a ``--smoke`` run. ``--resume`` continues a run only with the recipe it was started with (only
-``train.epochs`` may grow) and with its own seeds, so a resumed run is the run it claims to be.
+Beside ``recipe.yaml`` (the resolved recipe) a run keeps ``run.json``: the command, the seeds, whether
+it was a ``--smoke`` run and, for a result written with ``--overwrite``, the directory it replaces when it
+finishes. Every command that writes a directory leaves a ``run.json`` in it (see :mod:`kdcli.engine.outputs`).
+
+``--resume`` continues a run only with the recipe it was started with (only ``train.epochs`` may grow) and
+with its own seeds, so a resumed run is the run it claims to be.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ class RunRecord:
     command: str
     seeds: list[int]
     smoke: bool
+    replaces: str | None = None  # --overwrite: the directory this result takes the place of when it finishes
 
-    def write(self, out: Path, recipe: Recipe) -> None:
-        with atomic_write(out / RECIPE_FILE) as handle:
-            handle.write(recipe.to_yaml())
+    def write(self, out: Path, recipe: Recipe | None = None) -> None:
+        if recipe is not None:
+            with atomic_write(out / RECIPE_FILE) as handle:
+                handle.write(recipe.to_yaml())
         write_json(out / RUN_FILE, asdict(self))
 
 

@@ -28,8 +28,16 @@ from kdcli.engine.cache import CachedTeacher
 from kdcli.engine.distributed import DistEnv, any_rank, barrier
 from kdcli.engine.io import remove_stale_temporaries, write_csv
 from kdcli.engine.metrics import classification_metrics, ensemble_logits, predict
-from kdcli.engine.recovery import (EpochProgress, RecoveryClock, StopSignals, load_latest, prune, rng_state,
-                                   save_recovery, set_rng_state)
+from kdcli.engine.recovery import (
+    EpochProgress,
+    RecoveryClock,
+    StopSignals,
+    load_latest,
+    prune,
+    rng_state,
+    save_recovery,
+    set_rng_state,
+)
 from kdcli.engine.step import Engine
 from kdcli.errors import RunStopped
 from kdcli.methods.base import Batch, Method, StepInfo

@@ -68,6 +68,27 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary file left behind
 
 
+def test_a_write_that_runs_out_of_space_keeps_the_old_file_and_stops_the_run(tmp_path) -> None:
+    """The portable half of the disk-full check (test_bad_input.py fills a real tmpfs when run as root)."""
+    import errno
+
+    from kdcli.engine.io import atomic_save
+    from kdcli.errors import RunStopped
+
+    target = tmp_path / "state.pt"
+    write_json(target, {"v": 1})
+
+    def full(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(RunStopped) as stopped:
+        atomic_save(target, full)
+    assert f"no space left on the device while writing into {tmp_path}" in str(stopped.value)
+    assert "the previous state.pt is intact" in str(stopped.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"] and '"v": 1' in target.read_text()
+
+
 def test_load_model_reads_repdistiller_formats_safely(tmp_path) -> None:
     from kdcli.models import create_model
 

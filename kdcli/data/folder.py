@@ -19,6 +19,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from kdcli.data.registry import IMAGENET_MEAN, IMAGENET_STD
 from kdcli.data.seeding import generator
@@ -118,9 +119,10 @@ def _random_resized_box(width: int, height: int, gen: torch.Generator) -> tuple[
 def _open_folder(path: Path) -> ImageFolder:
     try:
         return ImageFolder(str(path))
-    except (FileNotFoundError, OSError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"cannot read image folder {path}: {message}") from error
+    except (FileNotFoundError, OSError) as error:  # no class folder, or class folders without images
+        message = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
+        raise UserError(f"cannot read image folder {path}: {message}; it needs one folder per class holding images "
+                        f"({', '.join(IMG_EXTENSIONS[:4])}, ...)") from None
 
 
 def load_imagefolder(root: str, image_size: int, crop_padding: int, hflip: bool,

@@ -13,6 +13,7 @@ epoch, best metric, history) goes to ``train_state.pt`` and is read back with
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,13 @@ def read_train_state(path: Path) -> dict[str, Any]:
                         "previous state, or start the run again") from None
 
 
+def _unpickler_reason(err: Exception) -> str:
+    """What torch's weights_only refusal refused (e.g. ``unsupported GLOBAL os.system``), without its boilerplate."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line.rstrip(".") for line in lines if not line.startswith(boilerplate)), _first_line(err))
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -85,10 +93,13 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raise UserError(f"checkpoint {path} is damaged or truncated ({_first_line(err)}); use another copy, or the "
                             "run's -last.safetensors") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: one line is enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling refusal or corruption becomes one line
-        raise UserError(f"cannot read checkpoint {path} safely (weights_only=True): {_first_line(err)}; "
-                        "re-save it as a plain state_dict or safetensors") from None
+        raise UserError(f"cannot read checkpoint {path} safely (weights_only=True refused it: {_unpickler_reason(err)}); "
+                        "it is not a plain PyTorch checkpoint, or it holds objects or code besides tensors: re-save "
+                        "it as a plain state_dict or safetensors") from None
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -118,7 +129,11 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
     arch = arch or meta.get("arch")
     if not arch:
         raise UserError(f"checkpoint {path} does not say its architecture; pass --arch (e.g. --arch resnet32x4)")
-    num_classes = num_classes or meta.get("num_classes") or infer_num_classes(state)
+    found = meta.get("num_classes") or infer_num_classes(state)
+    if num_classes is not None and found != num_classes:
+        raise UserError(f"checkpoint {path} predicts {found} classes but the data has {num_classes}; use a checkpoint "
+                        "trained on this dataset (or the recipe of the checkpoint's dataset)")
+    num_classes = num_classes or found
     model = create_model(arch, num_classes=num_classes)
     try:
         model.load_state_dict(state, strict=True)

@@ -1,17 +1,23 @@
 """Atomic file writes: a crash never leaves a half-written file behind.
 
 Every writer goes through :func:`atomic_write`: write to a temporary file in the same directory,
-flush and fsync it, then ``os.replace`` it over the target (atomic on POSIX and Windows).
+flush and fsync it, then ``os.replace`` it over the target (atomic on POSIX and Windows). A write that
+fails for lack of space removes its temporary file and stops the command with
+:class:`~kdcli.errors.RunStopped` (exit code 3), naming the directory; the previous file is untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
+
+from kdcli.errors import RunStopped
 
 if TYPE_CHECKING:  # pandas loads on first use, so the command line starts fast
     import pandas as pd
@@ -29,19 +35,41 @@ def _replacing(path: str | Path) -> Iterator[str]:
     The rename is atomic, so readers (and a run killed halfway) see the old file or the new one, never a part.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared like any new file
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared like any new file
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as error:
+        full = _out_of_space(error, path.parent)  # judged before the partial file gives its space back
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if full:
+            kept = f"the previous {path.name} is intact" if path.exists() else "nothing half-written was kept"
+            raise RunStopped(f"no space left on the device while writing into {path.parent}: {kept}; free some space "
+                             "(or choose another --out) and run the same command again (training runs: add --resume "
+                             "to continue from the last saved step)") from None
         raise
+
+
+def _out_of_space(error: BaseException, folder: Path) -> bool:
+    """Whether a write failed for lack of space. Libraries report it differently (an OSError with ENOSPC,
+    safetensors' "No space left on device", torch's "unexpected pos"), so a failure on a file system with
+    under 1 MiB free counts too."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(error, Exception):  # Ctrl-C, SystemExit: never a disk problem
+        return False
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
 
 
 def remove_stale_temporaries(directory: Path) -> None:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kdcli.errors import RunInterrupted, RunStopped, UserError
+from kdcli.errors import DiskFull, RunInterrupted, RunStopped, UserError
 
 if TYPE_CHECKING:  # pandas and torch load on first use: `kdcli --help` and `kdcli list recipes` start fast
     import pandas as pd
@@ -47,8 +47,8 @@ class _Options:
 
 
 def friendly(command: Callable) -> Callable:
-    """Bad input becomes one line on stderr and exit code 2, a stopped run (non-finite loss) one line and exit
-    code 3, an unexpected error one line and exit code 1 (``--debug`` shows the traceback of any)."""
+    """Bad input becomes one line on stderr and exit code 2, a stopped run (non-finite loss, full disk) one line
+    and exit code 3, an unexpected error one line and exit code 1 (``--debug`` shows the traceback of any)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -57,7 +57,8 @@ def friendly(command: Callable) -> Callable:
         except (UserError, RunStopped) as err:
             if _Options.debug:
                 raise
-            _error(str(err))
+            _error(f"{err}; free some space (or choose another --out) and run the command again"
+                   if isinstance(err, DiskFull) else str(err))
             raise typer.Exit(2 if isinstance(err, UserError) else 3) from None
         except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
@@ -139,10 +140,10 @@ def _context(recipe, out: Optional[Path], device: str, seeds: list[int], seeds_g
             else Resumption(seeds, finished=False, grows=False))
     record = read_record(output.final) if resume else None
     if record is not None and record.replaces:  # an interrupted --overwrite: it still replaces its target
-        output = Output(Path(record.replaces), staging=output.final)
+        output = Output(Path(record.replaces), command, staging=output.final)
     barrier()  # every rank has checked --out before rank 0 writes into it
     if dist.is_main and (plan.grows or not resume):
-        replaces = str(output.final) if output.staging is not None else None
+        replaces = str(output.final.resolve()) if output.staging is not None else None
         RunRecord(command, plan.seeds, smoke, replaces).write(output.dir, recipe)
     # Only rank 0 prints: the other ranks run the same loop and would repeat every line.
     ctx = RunContext(output.dir, local_device(requested, dist), plan.seeds[0],
@@ -152,7 +153,8 @@ def _context(recipe, out: Optional[Path], device: str, seeds: list[int], seeds_g
 
 
 def _resume_command(out: Path) -> str:
-    """The command line that started this process, with ``--resume --out OUT``."""
+    """The command line that started this process, with ``--resume --out OUT`` (and without ``--overwrite``: an
+    interrupted overwrite continues in its staging folder, which still replaces the old result when done)."""
     import shlex
 
     args, skip = [], False
@@ -161,7 +163,7 @@ def _resume_command(out: Path) -> str:
             skip = False
         elif arg in ("--out", "-o"):
             skip = True
-        elif arg != "--resume" and not arg.startswith("--out="):
+        elif arg not in ("--resume", "--overwrite") and not arg.startswith("--out="):
             args.append(arg)
     return shlex.join(["kdcli", *args, "--resume", "--out", str(out)])
 
@@ -204,17 +206,25 @@ def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smo
     pipeline.preflight(command, resolved, smoke)
     ctx, plan, output = _context(resolved, out, device, seed_list, seeds is not None, smoke, resume, overwrite, command)
     if plan.finished:
-        _say(f"{ctx.out_dir} is a finished run (its results.csv is there); nothing to do. To train longer, resume "
+        if ctx.dist.is_main:
+            output.commit()  # a finished --overwrite run killed before it was swapped in
+        _say(f"{output.final} is a finished run (its results.csv is there); nothing to do. To train longer, resume "
              "with a larger --set train.epochs=N")
         return
     try:
-        frame = pipeline.run_seeds(command, resolved, ctx, smoke, plan.seeds, share_teacher=not teacher_per_seed)
+        with ctx.signals:  # held over every stage: a signal between two stages stops before the next one
+            frame = pipeline.run_seeds(command, resolved, ctx, smoke, plan.seeds, share_teacher=not teacher_per_seed)
     except RunInterrupted as stop:  # SIGINT/SIGTERM during training: a recovery point was written
         _error(f"{stop}. Continue with: {_resume_command(ctx.out_dir)}")
         raise typer.Exit(stop.exit_code) from None
-    except KeyboardInterrupt:  # Ctrl-C twice, or outside the training loop
+    except KeyboardInterrupt:  # Ctrl-C twice, or before training began
         _error(f"interrupted; the last saved step is kept. Continue with: {_resume_command(ctx.out_dir)}")
         raise typer.Exit(130) from None
+    except DiskFull as full:
+        if _Options.debug:
+            raise
+        _error(f"{full}; free some space, then continue with: {_resume_command(ctx.out_dir)}")
+        raise typer.Exit(3) from None
     except BaseException:
         if not resume:
             _forget_failed_start(ctx.out_dir, remove_dir=output.created or output.staging is not None)
@@ -300,7 +310,7 @@ def cache_teacher(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt,
         where = report.folder
     else:  # a cache in --out is continued (a killed build recomputes only its missing shards): its own --resume
         output = claim(out, "cache-teacher", resolved.name, overwrite=overwrite,
-                       resume=not overwrite and (out / "manifest.json").is_file())
+                       resume=not overwrite and (out / "manifest.json").is_file(), marker="manifest.json")
         with writing(output) as folder:
             report = pipeline.cache_teacher(resolved, folder, features, target, batch_size, console)
             RunRecord("cache-teacher", [0], False).write(folder)
@@ -384,7 +394,7 @@ def export(checkpoint: Path = typer.Argument(..., help="Checkpoint to export (.s
         frame, _ = export_checkpoint(checkpoint, folder, [f.strip() for f in formats.split(",") if f.strip()],
                                      arch=arch, image_size=image_size, seed=seed)
         RunRecord("export", [seed], False).write(folder)
-    frame["path"] = [str(output.final / Path(path).name) for path in frame["path"]]
+    frame["path"] = [str(output.final / path) for path in frame["path"]]
     _print_frame(frame, "export")
     _say(f"results: {output.final / 'export.csv'}")
 

@@ -7,8 +7,13 @@ class UserError(Exception):
 
 
 class RunStopped(Exception):
-    """A run that cannot go on (a non-finite loss): one-line message saying where, what was kept and what to
-    try; exit code 3."""
+    """A run that cannot go on (a non-finite loss, a full disk): one-line message saying where, what was kept and
+    what to try; exit code 3."""
+
+
+class DiskFull(RunStopped):
+    """No space left while writing: the message names the folder and what was kept; the command line adds how to
+    continue (the resume command of a training run)."""
 
 
 class RunInterrupted(Exception):

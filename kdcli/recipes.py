@@ -151,6 +151,11 @@ class TrainConfig:
     save_every_minutes: float = 10.0
 
 
+# Keys that change how a run is carried out but not one number it computes: left out of the config hash, and
+# free to differ when a run is resumed.
+OPERATIONAL = ("train.save_every_steps", "train.save_every_minutes")
+
+
 @dataclass
 class Recipe:
     """A complete, resolved experiment description."""
@@ -171,8 +176,13 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        """Short, stable hash of the resolved recipe (provenance column in results.csv)."""
-        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        """Short, stable hash of the resolved recipe (provenance column in results.csv), leaving out the keys
+        that cannot change a result (:data:`OPERATIONAL`)."""
+        tree = self.to_dict()
+        for key in OPERATIONAL:
+            section, name = key.split(".")
+            tree[section].pop(name)
+        text = json.dumps(tree, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:

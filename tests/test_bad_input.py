@@ -137,6 +137,7 @@ def test_no_space_left_names_the_folder_keeps_the_last_checkpoint_and_exits_3(tm
     try:
         from kdcli.engine.trainer import Trainer
 
+        monkeypatch.setattr("sys.argv", ["kdcli", "train-teacher", "--recipe", "tiny.yaml", "--out", str(disk / "run")])
         recipe = write_tiny_recipe(tmp_path / "tiny.yaml", method="ce", epochs=2)
         real, filled = Trainer._report, []
 
@@ -158,6 +159,7 @@ def test_no_space_left_names_the_folder_keeps_the_last_checkpoint_and_exits_3(tm
         lines = [line for line in result.output.splitlines() if line.strip() and line.startswith("error")]
         assert result.exit_code == 3 and len(lines) == 1, result.output
         assert "no space left on the device" in lines[0] and str(out / "teacher") in lines[0]
+        assert "continue with: kdcli train-teacher" in lines[0] and f"--resume --out {out}" in lines[0]
         assert not list(out.rglob("*.tmp"))  # the partial file was removed
         kept = torch.load(out / "teacher/checkpoints/train_state.pt", weights_only=True)
         assert kept["epoch"] == 1  # the first epoch's state, intact and readable

@@ -341,11 +341,17 @@ def test_a_non_finite_loss_stops_the_run_keeping_the_last_good_epoch(tiny_recipe
     assert (tmp_path / "d/kd/checkpoints/student-last.safetensors").is_file()
 
 
-def test_a_diverging_learning_rate_exits_3_in_one_line(tiny_recipe, tmp_path: Path) -> None:
+def test_a_diverging_learning_rate_exits_3_in_one_line_at_that_step(tiny_recipe, tmp_path: Path, monkeypatch) -> None:
+    from kdcli.engine.step import Engine
+
+    steps, real = [], Engine.train_step
+    monkeypatch.setattr(Engine, "train_step", lambda self, batch, info: steps.append(info.step) or real(self, batch, info))
     result = invoke("train-teacher", "--recipe", tiny_recipe(method="ce", epochs=2), "--set", "optim.lr=1e38",
                     "--out", tmp_path / "nan", "--device", "cpu")
     lines = result.output.strip().splitlines()
-    assert result.exit_code == 3 and "non-finite at epoch 1" in lines[-1] and "no checkpoint was written" in lines[-1]
+    assert result.exit_code == 3 and "non-finite at epoch 1, step 1 (ce, loss)" in lines[-1]
+    assert "nothing had been saved yet" in lines[-1] and "lower optim.lr" in lines[-1]
+    assert steps == [0, 1]  # stopped right after the first bad step (step 0's loss is finite), not at the epoch's end
     assert not (tmp_path / "nan/teacher/history.csv").exists()
 
 

@@ -84,7 +84,7 @@ def test_a_write_that_runs_out_of_space_keeps_the_old_file_and_stops_the_run(tmp
 
     with pytest.raises(RunStopped) as stopped:
         atomic_save(target, full)
-    assert f"no space left on the device while writing into {tmp_path}" in str(stopped.value)
+    assert f"no space left on the device (or quota exceeded) while writing into {tmp_path}:" in str(stopped.value)
     assert "the previous state.pt is intact" in str(stopped.value)
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"] and '"v": 1' in target.read_text()
 

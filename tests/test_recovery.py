@@ -87,13 +87,13 @@ def test_a_recovery_point_is_written_every_n_steps_and_only_the_newest_is_kept(t
                                                                                monkeypatch) -> None:
     recipe = resolve_recipe(str(tiny_recipe(method="ce", epochs=1)), ["train.save_every_steps=2"])
     seen: list[list[int]] = []
-    real = Trainer._recover_if_due
+    real = Trainer._step_boundary
 
     def spy(self, progress, begin, watch):
         real(self, progress, begin, watch)
         seen.append(sorted(recovery_points(self.ckpt_dir)))
 
-    monkeypatch.setattr(Trainer, "_recover_if_due", spy)
+    monkeypatch.setattr(Trainer, "_step_boundary", spy)
     pipeline.train_teacher(recipe, _ctx(tmp_path), smoke=False)
     # Checked after steps 1..6 of the 7 (the 7th ends the epoch, which saves the full state instead).
     assert seen == [[], [2], [2], [4], [4], [6]]
@@ -151,7 +151,7 @@ def _rss_mib() -> float:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set size from /proc")
 def test_soak_many_short_epochs_with_frequent_recovery_points_keep_memory_and_disk_flat(tiny_recipe, tmp_path,
                                                                                         monkeypatch) -> None:
-    recipe = resolve_recipe(str(tiny_recipe(method="kd", epochs=60)), ["train.save_every_steps=1"])
+    recipe = resolve_recipe(str(tiny_recipe(method="ce", epochs=80)), ["train.save_every_steps=1"])
     samples: list[tuple[float, int]] = []
     real = Trainer._report
 
@@ -161,9 +161,31 @@ def test_soak_many_short_epochs_with_frequent_recovery_points_keep_memory_and_di
         samples.append((_rss_mib(), files))
 
     monkeypatch.setattr(Trainer, "_report", measure)
-    pipeline.distill(recipe, _ctx(tmp_path, max_steps=3), smoke=False)
-    assert len(samples) == 120  # teacher and student, 60 epochs each
-    student = samples[60:]
-    warm = student[10][0]
-    assert max(rss for rss, _ in student[10:]) < 1.05 * warm, [round(rss) for rss, _ in student]
-    assert len({files for _, files in student}) == 1  # the same files every epoch: nothing accumulates
+    pipeline.train_teacher(recipe, _ctx(tmp_path, max_steps=3), smoke=False)  # 80 epochs, 160 recovery points
+    assert len(samples) == 80
+    warm = samples[15][0]
+    assert max(rss for rss, _ in samples[15:]) < 1.05 * warm, [round(rss) for rss, _ in samples]
+    assert len({files for _, files in samples}) == 1  # the same files every epoch: nothing accumulates
+
+
+def test_a_signal_in_a_stages_last_step_stops_the_run_before_the_next_stage(tiny_recipe, tmp_path, monkeypatch) -> None:
+    """The teacher's last step gets SIGTERM: the teacher finishes and is saved, the student never starts, and the
+    message gives a resume command without --overwrite (an interrupted overwrite continues in its staging folder)."""
+    from typer.testing import CliRunner
+
+    from kdcli import cli
+
+    _signal_at(monkeypatch, 7, signal.SIGTERM)  # 7 steps per epoch, 1 epoch: the teacher's last step
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["kdcli", "distill", "--recipe", "r.yaml", "--overwrite", "--out", "run"])
+    result = CliRunner().invoke(cli.app, ["distill", "--recipe", str(tiny_recipe(method="kd", epochs=1)), "--out",
+                                          str(out), "--device", "cpu"])
+    assert result.exit_code == 143, result.output
+    assert "SIGTERM received: stopped before kd began" in result.output
+    assert f"Continue with: kdcli distill --recipe r.yaml --resume --out {out}" in " ".join(result.output.split())
+    assert (out / "teacher/checkpoints/teacher-best.safetensors").is_file() and not (out / "kd").exists()
+    monkeypatch.undo()
+    resumed = CliRunner().invoke(cli.app, ["distill", "--recipe", str(tmp_path / "tiny.yaml"), "--out", str(out),
+                                           "--resume", "--device", "cpu", "--set", "train.save_every_steps=2"])
+    assert resumed.exit_code == 0, resumed.output  # the recovery cadence may change on resume
+    assert (out / "kd/checkpoints/student-best.safetensors").is_file()

@@ -40,7 +40,13 @@ def save_weights(model: nn.Module, path_stem: Path, meta: dict[str, Any]) -> Pat
 
 def read_sidecar(weights: Path) -> dict[str, Any]:
     sidecar = weights.with_suffix(".json")
-    return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    if not sidecar.is_file():
+        return {}
+    try:
+        return json.loads(sidecar.read_text())
+    except ValueError as err:
+        raise UserError(f"the sidecar {sidecar} of {weights.name} is not valid JSON ({err}); restore it, or delete it "
+                        "and pass --arch") from None
 
 
 def save_train_state(directory: Path, state: dict[str, Any]) -> None:
@@ -129,11 +135,11 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
     arch = arch or meta.get("arch")
     if not arch:
         raise UserError(f"checkpoint {path} does not say its architecture; pass --arch (e.g. --arch resnet32x4)")
-    found = meta.get("num_classes") or infer_num_classes(state)
-    if num_classes is not None and found != num_classes:
+    found = meta.get("num_classes")
+    if num_classes is not None and found is not None and found != num_classes:
         raise UserError(f"checkpoint {path} predicts {found} classes but the data has {num_classes}; use a checkpoint "
                         "trained on this dataset (or the recipe of the checkpoint's dataset)")
-    num_classes = num_classes or found
+    num_classes = num_classes or found or infer_num_classes(state)
     model = create_model(arch, num_classes=num_classes)
     try:
         model.load_state_dict(state, strict=True)

@@ -75,13 +75,13 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` is set on any rank (every rank must call it; a no-op for a single process)."""
+def agree(values: list[int], device: torch.device) -> list[int]:
+    """The element-wise maximum of ``values`` over every rank (every rank must call it; unchanged alone)."""
     if not _group_active():
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+        return values
+    tensor = torch.tensor(values, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.tolist()
 
 
 def from_rank_zero(value: object) -> object:

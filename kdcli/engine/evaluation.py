@@ -51,19 +51,14 @@ def evaluate_checkpoints(checkpoints: list[Path], recipe: Recipe, split: str, de
 
 
 def _logits(path: Path, arch: str | None, num_classes: int, loader, device: torch.device):
-    model = load_model(path, arch=arch)
-    produced = getattr(model, "num_classes", num_classes)
-    if produced != num_classes:
-        raise UserError(f"checkpoint {path} predicts {produced} classes but the dataset has {num_classes}; "
-                        "pick the matching --recipe")
-    return predict(model.to(device), loader)
+    return predict(load_model(path, arch=arch, num_classes=num_classes).to(device), loader)
 
 
 def recipe_of(checkpoint: Path) -> str:
     """The recipe a checkpoint was trained with, for ``evaluate`` without ``--recipe``: the ``recipe.yaml`` of the
     run it sits in (``<run>/<stage>/checkpoints/``, or one level deeper under ``seed-<s>/``), else the shipped
     recipe its sidecar names."""
-    checkpoint = Path(checkpoint).expanduser()
+    checkpoint = Path(checkpoint).expanduser().resolve()
     if not checkpoint.is_file():
         raise UserError(f"checkpoint {checkpoint} does not exist; check the path")
     for folder in list(checkpoint.parents)[2:4]:

@@ -23,7 +23,8 @@ def onnx_available() -> bool:
 
 def export_checkpoint(checkpoint: Path, out: Path, formats: list[str], *, arch: str | None = None,
                       image_size: int | None = None, seed: int = 0) -> tuple[pd.DataFrame, Path]:
-    """Export to each format, reload it, and record the max abs difference of the outputs."""
+    """Export to each format, reload it, and record the max abs difference of the outputs (``export.csv``; paths
+    relative to ``out``)."""
     if formats == ["auto"]:
         formats = list(FORMATS if onnx_available() else FORMATS[:2])
     unknown = [f for f in formats if f not in FORMATS]
@@ -45,7 +46,7 @@ def export_checkpoint(checkpoint: Path, out: Path, formats: list[str], *, arch: 
     rows = []
     for fmt in formats:
         path, output = exporters[fmt](model, example, stem, meta)
-        rows.append({"format": fmt, "path": str(path), "max_abs_diff": (output - reference).abs().max().item()})
+        rows.append({"format": fmt, "path": path.name, "max_abs_diff": (output - reference).abs().max().item()})
     frame = pd.DataFrame(rows)
     table = out / "export.csv"
     write_csv(table, frame)

@@ -3,7 +3,7 @@
 Every writer goes through :func:`atomic_write`: write to a temporary file in the same directory,
 flush and fsync it, then ``os.replace`` it over the target (atomic on POSIX and Windows). A write that
 fails for lack of space removes its temporary file and stops the command with
-:class:`~kdcli.errors.RunStopped` (exit code 3), naming the directory; the previous file is untouched.
+:class:`~kdcli.errors.DiskFull` (exit code 3), naming the directory; the previous file is untouched.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
-from kdcli.errors import RunStopped
+from kdcli.errors import DiskFull
 
 if TYPE_CHECKING:  # pandas loads on first use, so the command line starts fast
     import pandas as pd
@@ -52,9 +52,8 @@ def _replacing(path: str | Path) -> Iterator[str]:
                 os.unlink(tmp)
         if full:
             kept = f"the previous {path.name} is intact" if path.exists() else "nothing half-written was kept"
-            raise RunStopped(f"no space left on the device while writing into {path.parent}: {kept}; free some space "
-                             "(or choose another --out) and run the same command again (training runs: add --resume "
-                             "to continue from the last saved step)") from None
+            raise DiskFull(f"no space left on the device (or quota exceeded) while writing into {path.parent}: "
+                           f"{kept}") from error
         raise
 
 

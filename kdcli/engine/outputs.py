@@ -29,8 +29,14 @@ RUNS_DIR = Path("runs")
 
 
 def default_out_dir(name: str, command: str, smoke: bool = False) -> Path:
-    """Where a command writes without --out: ``runs/<name>-<command>[-smoke]-<time>``."""
-    return RUNS_DIR / f"{name}-{command}{'-smoke' if smoke else ''}-{_stamp()}"
+    """Where a command writes without --out: ``runs/<name>-<command>[-smoke]-<time>`` (``-2``, ``-3``... when two
+    commands start in the same second)."""
+    base = RUNS_DIR / f"{name}-{command}{'-smoke' if smoke else ''}-{_stamp()}"
+    path, number = base, 1
+    while path.exists():
+        number += 1
+        path = base.with_name(f"{base.name}-{number}")
+    return path
 
 
 def _stamp() -> str:
@@ -39,9 +45,10 @@ def _stamp() -> str:
 
 @dataclass
 class Output:
-    """Where a command writes (:attr:`dir`) and where its result ends up (:attr:`final`)."""
+    """Where ``command`` writes (:attr:`dir`) and where its result ends up (:attr:`final`)."""
 
     final: Path
+    command: str
     staging: Path | None = None  # set when the result replaces a previous one (--overwrite)
     created: bool = False  # whether final did not exist before this command
 
@@ -50,13 +57,24 @@ class Output:
         return self.staging or self.final
 
     def commit(self) -> None:
-        """Put a staged result in place of the old one; the old one is deleted only once the new one is there."""
+        """Put a staged result in place of the old one; the old one is deleted only once the new one is there.
+
+        The old one is checked again first (a resumed --overwrite may run much later): it must still be the
+        output of the same command, else the staged result stays where it is and the user is told.
+        """
         if self.staging is None:
             return
-        retired = self.final.with_name(f"{self.final.name}.replaced-{_stamp()}")
-        os.replace(self.final, retired)
-        os.replace(self.staging, self.final)
-        shutil.rmtree(retired, ignore_errors=True)
+        if self.final.exists():
+            record = read_record(self.final) if self.final.is_dir() else None
+            if record is None or record.command != self.command:
+                raise UserError(f"{self.final} is no longer the output of an earlier `kdcli {self.command}`, so it was "
+                                f"not replaced; the new result is in {self.staging}")
+            retired = self.final.with_name(f"{self.final.name}.replaced-{_stamp()}")
+            os.replace(self.final, retired)
+            os.replace(self.staging, self.final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(self.staging, self.final)
         self.staging = None
 
     def discard(self) -> None:
@@ -67,27 +85,36 @@ class Output:
             self.final.rmdir()
 
 
-def claim(out: Path | None, command: str, name: str, *, overwrite: bool, resume: bool = False,
-          smoke: bool = False) -> Output:
-    """Check ``--out`` for ``command`` (``name``: the recipe or checkpoint it is about) before anything is written."""
+def claim(out: Path | None, command: str, name: str, *, overwrite: bool, resume: bool = False, smoke: bool = False,
+          marker: str | None = None) -> Output:
+    """Check ``--out`` for ``command`` (``name``: the recipe or checkpoint it is about) before anything is written.
+
+    ``marker``: a file that also marks a folder as this command's output (a cache's ``manifest.json``).
+    """
     if out is None:
-        return Output(default_out_dir(name, command, smoke), created=True)
+        if resume:
+            raise UserError("--resume needs --out DIR: the folder of the run to continue")
+        return Output(default_out_dir(name, command, smoke), command, created=True)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory; choose a directory path for --out")
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     if resume or not out.is_dir() or not any(out.iterdir()):
-        return Output(out, created=not out.exists())
+        return Output(out, command, created=not out.exists())
     if not overwrite:
         again = "pass --resume to continue it, " if command in ("train-teacher", "distill") else ""
         raise UserError(f"output directory {out} is not empty; {again}pass --overwrite to replace it, or choose "
                         "another --out")
     record = read_record(out)
-    if record is None or record.command != command:
+    owned = (record is not None and record.command == command) or (marker is not None and (out / marker).is_file())
+    if not owned:
         what = f"a `kdcli {record.command}` run" if record is not None else "not written by kdcli"
         raise UserError(f"--overwrite: {out} is {what}, and --overwrite only replaces the output of an earlier "
                         f"`kdcli {command}`; choose another --out")
-    return Output(out, staging=out.with_name(f"{out.name}.new-{_stamp()}"))
+    final = out.resolve()
+    if final == final.parent:
+        raise UserError(f"--overwrite cannot replace {final}; choose another --out")
+    return Output(out, command, staging=final.with_name(f"{final.name}.new-{_stamp()}"))
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 A distill run writes, under its output directory::
 
     recipe.yaml            the resolved recipe
+    run.json               the command, seeds, --smoke, and what an --overwrite replaces when it finishes
     teacher/               only when the recipe gives no teacher checkpoint: the teacher is trained first
     baseline/              with train.baseline: the student trained alone (method ce)
     <method>/              the distilled student(s)
@@ -11,7 +12,7 @@ A distill run writes, under its output directory::
 With ``--seeds 0,1,2`` each seed gets ``seed-<s>/`` with the layout above, except that a teacher to
 be trained is trained once, with the first seed, in ``teacher/`` beside them and shared (see
 :func:`run_seeds`). Each stage directory holds ``history.csv`` and ``checkpoints/``. ``--resume`` skips finished stages and
-continues an interrupted one from its last epoch.
+continues an interrupted one from its last saved step (:mod:`kdcli.engine.recovery`).
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
                        "has_gauss": int(has_gauss), "gauss": float(gauss)}}
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():  # a CPU run on a GPU machine must not start CUDA on every device
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -143,11 +143,14 @@ class RecoveryClock:
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM only set :attr:`received`: the trainer writes a recovery point at the
-    next step boundary and stops (:class:`RunInterrupted`). A second signal stops at once (KeyboardInterrupt).
+    """While active, SIGINT and SIGTERM only set :attr:`received`; the trainer then writes a recovery point at the
+    next step where it checks (every step for one CPU process, every 10th on a GPU or under torchrun; after
+    the evaluation at an epoch's end) and stops with :class:`RunInterrupted`. A second SIGINT (Ctrl-C twice)
+    stops at once; a repeated SIGTERM (torchrun's agent forwards one to every worker) waits for the save.
 
-    Handlers can only be installed from the main thread; elsewhere (a notebook's worker thread) the signals
-    keep their default behaviour.
+    Re-entrant: the command line holds it over a whole run, so a signal that arrives between stages stops the
+    run before the next stage begins. Handlers can only be installed from the main thread; elsewhere (a
+    notebook's worker thread) the signals keep their default behaviour.
     """
 
     HANDLED = (signal.SIGINT, signal.SIGTERM)
@@ -155,22 +158,27 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._depth = 0
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.HANDLED}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous = {}
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.received is not None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.received = signum
+        self.received = self.received or signum
 
-    def interruption(self, where: str) -> RunInterrupted:
-        name = signal.Signals(self.received).name
-        return RunInterrupted(128 + self.received, f"{name} received: {where}")
+
+def interruption(signum: int, where: str) -> RunInterrupted:
+    """The exception that stops a run on signal ``signum``: exit code 128 + signum (130 SIGINT, 143 SIGTERM)."""
+    return RunInterrupted(128 + signum, f"{signal.Signals(signum).name} received: {where}")

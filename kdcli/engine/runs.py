@@ -4,8 +4,8 @@ Beside ``recipe.yaml`` (the resolved recipe) a run keeps ``run.json``: the comma
 it was a ``--smoke`` run and, for a result written with ``--overwrite``, the directory it replaces when it
 finishes. Every command that writes a directory leaves a ``run.json`` in it (see :mod:`kdcli.engine.outputs`).
 
-``--resume`` continues a run only with the recipe it was started with (only ``train.epochs`` may grow) and
-with its own seeds, so a resumed run is the run it claims to be.
+``--resume`` continues a run only with the recipe it was started with (only ``train.epochs`` may grow, and the
+recovery-point cadence may change) and with its own seeds, so a resumed run is the run it claims to be.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from kdcli.engine.io import atomic_write, write_json
 from kdcli.errors import UserError
-from kdcli.recipes import Recipe, read_yaml
+from kdcli.recipes import OPERATIONAL, Recipe, read_yaml
 
 RECIPE_FILE = "recipe.yaml"
 RUN_FILE = "run.json"
@@ -55,7 +55,7 @@ def check_resume(out: Path, recipe: Recipe, command: str, seeds: list[int] | Non
         raise UserError(f"--resume: {out} has no {RECIPE_FILE}, so it is not a kdcli run directory; pass the --out "
                         "of the run to continue")
     own = read_yaml(path.read_text())
-    key = first_difference(own, recipe.to_dict())
+    key = first_difference(_results_only(own), _results_only(recipe.to_dict()))
     if key is not None and key not in GROWABLE:
         raise UserError(f"--resume: the recipe differs from the one {out} was started with at '{key}' (run: "
                         f"{_lookup(own, key)!r}, now: {_lookup(recipe.to_dict(), key)!r}); resume with the same recipe "
@@ -73,6 +73,16 @@ def check_resume(out: Path, recipe: Recipe, command: str, seeds: list[int] | Non
                         "with the same --seeds, or without --seeds")
     grows = recipe.train.epochs > before
     return Resumption(run_seeds, finished=(out / "results.csv").is_file() and not grows, grows=grows)
+
+
+def _results_only(tree: dict[str, Any]) -> dict[str, Any]:
+    """The recipe without its operational keys (a run written before they existed lacks them)."""
+    tree = {section: dict(value) if isinstance(value, dict) else value for section, value in tree.items()}
+    for key in OPERATIONAL:
+        section, name = key.split(".")
+        if isinstance(tree.get(section), dict):
+            tree[section].pop(name, None)
+    return tree
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:

@@ -25,21 +25,23 @@ from torch import nn
 from kdcli.data import DataBundle, make_loader
 from kdcli.engine import checkpoint
 from kdcli.engine.cache import CachedTeacher
-from kdcli.engine.distributed import DistEnv, any_rank, barrier
+from kdcli.engine.distributed import DistEnv, agree, barrier
 from kdcli.engine.io import remove_stale_temporaries, write_csv
 from kdcli.engine.metrics import classification_metrics, ensemble_logits, predict
 from kdcli.engine.recovery import (
     EpochProgress,
     RecoveryClock,
     StopSignals,
+    interruption,
     load_latest,
     prune,
+    recovery_points,
     rng_state,
     save_recovery,
     set_rng_state,
 )
 from kdcli.engine.step import Engine
-from kdcli.errors import RunStopped
+from kdcli.errors import RunStopped, UserError
 from kdcli.methods.base import Batch, Method, StepInfo
 from kdcli.recipes import Recipe
 
@@ -55,6 +57,7 @@ class RunContext:
     max_steps: int | None = None  # --smoke: cap on steps per epoch
     resume: bool = False
     dist: DistEnv = field(default_factory=DistEnv)
+    signals: StopSignals = field(default_factory=StopSignals)  # shared by the stages of a run
 
 
 @dataclass
@@ -81,7 +84,7 @@ class RunSummary:
 
 class NonFiniteWatch:
     """Remembers, on the device, the first step whose logged loss terms were not all finite (no host sync per
-    step: the trainer reads it once, at the end of the epoch)."""
+    step: the trainer reads it only at the steps where it may wait for the device, see ``Trainer._synced``)."""
 
     def __init__(self) -> None:
         self.step: torch.Tensor | None = None
@@ -130,7 +133,6 @@ class Trainer:
         self.start_epoch = 0
         self.step = 0
         self.clock = RecoveryClock(train.save_every_steps, train.save_every_minutes)
-        self.signals = StopSignals()
 
     # -- public -----------------------------------------------------------------------------------
     def fit(self) -> RunSummary:
@@ -141,7 +143,9 @@ class Trainer:
         self._say_notes()
         progress = self._restore() if self.ctx.resume else None
         started = time.perf_counter() - sum(row["seconds"] for row in self.history) - (progress.seconds if progress else 0)
-        with self.signals:
+        with self.ctx.signals:
+            if self.start_epoch < epochs:
+                self._stop_if_signalled(f"stopped before {self.stage} began; the stages before it are saved")
             for epoch in range(self.start_epoch, epochs):
                 row = self._train_epoch(progress or self._new_epoch(epoch))
                 progress = None
@@ -150,8 +154,8 @@ class Trainer:
                 self.history.append(row)
                 self._save(epoch)
                 self._report(row)
-                if self._stop_requested(force=True) and epoch + 1 < epochs:
-                    raise self.signals.interruption(f"{self.stage} stopped after epoch {epoch + 1}, which is saved")
+                if epoch + 1 < epochs:  # after the last epoch the stage is complete: the next one stops before it starts
+                    self._stop_if_signalled(f"{self.stage} stopped after epoch {epoch + 1}, which is saved")
         seconds = time.perf_counter() - started
         barrier()  # rank 0's checkpoints are on disk before any rank goes on (e.g. to load the teacher)
         return self._summary(seconds)
@@ -182,17 +186,15 @@ class Trainer:
                 watch.update(out.logs, self.step)
                 progress.add(out.logs, (out.logits.argmax(1) == labels).sum(), labels.numel())
                 progress.batches, self.step = i + 1, self.step + 1
-                if self._synced(i + 1):
-                    self._stop_if_diverged(watch, epoch)
-                if i + 1 < steps:
-                    self._recover_if_due(progress, begin, watch)
+                if i + 1 < steps:  # the last step's state is saved whole at the end of the epoch
+                    self._step_boundary(progress, begin, watch)
                 # .item() waits for the GPU: only for a visible bar, and only every 10 steps.
                 if shown and ((i + 1) % 10 == 0 or i + 1 == steps):
                     rate = progress.seen / max(time.perf_counter() - begin, 1e-9)
                     accuracy = 100 * progress.correct.item() / progress.seen
                     stats = f"loss {progress.sums['loss'].item() / (i + 1):.4f} acc {accuracy:.1f}% {rate:.0f} img/s"
                     bar.update(task, completed=i + 1, stats=stats)
-        self._stop_if_diverged(watch, epoch)
+        self._stop_if_diverged(watch, epoch, *agree([watch.first() is not None], self.ctx.device))
         self.engine.end_epoch()
         seconds = time.perf_counter() - begin
         row = {"epoch": epoch + 1, "lr": progress.lr}
@@ -203,42 +205,51 @@ class Trainer:
         return row
 
     def _synced(self, steps_done: int) -> bool:
-        """Whether this step is one where the host may wait for the device and the ranks for each other: every
-        step for one CPU process (free), every 10th on a GPU or under torchrun."""
+        """Whether the host may wait for the device, and the ranks for each other, after this step: every step for
+        one CPU process (free), every 10th on a GPU or under torchrun."""
         sync_every = 1 if self.ctx.device.type == "cpu" and not self.ctx.dist.enabled else 10
         return steps_done % sync_every == 0
 
-    def _stop_requested(self, force: bool = False) -> bool:
-        """Whether a signal asked the run to stop, agreed by every rank (they must stop at the same step)."""
-        if not self.ctx.dist.enabled:
-            return self.signals.received is not None
-        return force and any_rank(self.signals.received is not None, self.ctx.device)
-
-    def _recover_if_due(self, progress: EpochProgress, begin: float, watch: NonFiniteWatch) -> None:
-        """Write a recovery point when one is due or a signal asked to stop; then stop if asked."""
-        stop = self._stop_requested(force=self._synced(progress.batches))
-        if not (stop or self.clock.due(self.step)):
+    def _step_boundary(self, progress: EpochProgress, begin: float, watch: NonFiniteWatch) -> None:
+        """Between two steps: stop on a non-finite loss; write a recovery point when one is due or a signal asked
+        for one, and stop after it if asked. Under torchrun the ranks decide together, every 10th step."""
+        synced = self._synced(progress.batches)
+        if self.ctx.dist.enabled and not synced:
             return
-        self._stop_if_diverged(watch, progress.epoch)  # a recovery point is never taken after a bad step
+        signum, due = self.ctx.signals.received or 0, self.clock.due(self.step)
+        if not (synced or signum or due):
+            return
+        signum, due, diverged = agree([signum, int(due), int(watch.first() is not None)], self.ctx.device)
+        self._stop_if_diverged(watch, progress.epoch, diverged)  # a recovery point never follows a bad step
+        if not (signum or due):
+            return
         progress.seconds = time.perf_counter() - begin
         if self.ctx.dist.is_main:
             save_recovery(self.ckpt_dir, self._state(progress.epoch, progress))
         self.clock.saved()
-        if stop:
-            raise self.signals.interruption(f"{self.stage} stopped at epoch {progress.epoch + 1}, step {self.step}, "
-                                            f"and saved a recovery point in {self.ckpt_dir}")
+        barrier()  # no rank exits before rank 0 has saved
+        if signum:
+            raise interruption(signum, f"{self.stage} stopped at epoch {progress.epoch + 1}, step {self.step}, and "
+                                       f"saved a recovery point in {self.ckpt_dir}")
 
-    def _stop_if_diverged(self, watch: NonFiniteWatch, epoch: int) -> None:
-        """Stop the run (exit code 3) if a step's loss was NaN or infinite; this epoch is not saved."""
-        found = watch.first()
-        if found is None:
+    def _stop_if_signalled(self, where: str) -> None:
+        (signum,) = agree([self.ctx.signals.received or 0], self.ctx.device)
+        if signum:
+            raise interruption(signum, where)
+
+    def _stop_if_diverged(self, watch: NonFiniteWatch, epoch: int, anywhere: bool | int) -> None:
+        """Stop the run (exit code 3) if a step's loss was NaN or infinite here (or, ``anywhere``, on another rank)."""
+        if not anywhere:
             return
-        step, terms = found
-        kept = (f"the last good checkpoints are in {self.ckpt_dir} (epoch {self.history[-1]['epoch']})" if self.history
-                else "no epoch had finished, so no checkpoint was written")
-        raise RunStopped(f"{self.stage}: the loss became non-finite at epoch {epoch + 1}, step {step} "
-                         f"({', '.join(terms)}); training stopped and {kept}; lower optim.lr (now {self._lr():g}) "
-                         "or check the data, then run again")
+        found = watch.first()
+        where = (f"at epoch {epoch + 1}, step {found[0]} ({', '.join(found[1])})" if found is not None
+                 else f"on another rank in epoch {epoch + 1}")
+        saved = sorted(recovery_points(self.ckpt_dir))
+        kept = (f"the last good state is in {self.ckpt_dir} (step {saved[-1]})" if saved else
+                f"the last good checkpoints are in {self.ckpt_dir} (epoch {self.history[-1]['epoch']})" if self.history
+                else "nothing had been saved yet")
+        raise RunStopped(f"{self.stage}: the loss became non-finite {where}; training stopped and {kept}; lower "
+                         f"optim.lr (now {self._lr():g}) or check the data, then run again")
 
     def _say_notes(self) -> None:
         seam = self.engine.teacher_seam
@@ -324,7 +335,7 @@ class Trainer:
             "optimizers": {k: v.state_dict() for k, v in self.engine.optimizers.items()},
             "schedulers": {k: v.state_dict() for k, v in self.engine.schedulers.items()},
             "scaler": self.engine.scaler.state_dict(), "rng": rng_state(),
-            "progress": None if progress is None else progress.state_dict(),
+            "progress": None if progress is None else progress.state_dict(), "world": self.ctx.dist.world,
             "config_hash": self.recipe.config_hash(), "teacher_outputs": self.teacher_outputs,
         }
 
@@ -344,6 +355,10 @@ class Trainer:
         set_rng_state(state.get("rng") or {"torch": state["rng_cpu"], "cuda": state.get("rng_cuda")})
         self.start_epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
         progress = state.get("progress")
+        if progress is not None and state["world"] != self.ctx.dist.world:  # each rank's share of the epoch differs
+            raise UserError(f"{self.stage}: the recovery point in {self.ckpt_dir} was written by {state['world']} "
+                            f"process(es) and this run has {self.ctx.dist.world}; resume with the same number (torchrun "
+                            f"--nproc_per_node), or delete {self.ckpt_dir}/recovery-step*.pt to redo that epoch")
         progress = None if progress is None else EpochProgress.from_state(progress, self.ctx.device)
         if self.ctx.dist.is_main:
             where = (f"at epoch {progress.epoch + 1}, step {self.step}" if progress is not None

@@ -208,7 +208,7 @@ def check_weights(cls: type[Method], weights: dict[str, float], source: str) -> 
     negative = sorted(name for name, value in weights.items() if value < 0)
     if negative:
         raise UserError(f"recipe {source}: 'method.weights.{negative[0]}' must be >= 0 (a negative weight would "
-                        "maximise that loss), got {weights[negative[0]]}")
+                        f"maximise that loss), got {weights[negative[0]]}")
     merged = {**cls.default_weights, **weights}
     if merged and not any(merged.values()):
         raise UserError(f"recipe {source}: every term in 'method.weights' is 0; give at least one of "

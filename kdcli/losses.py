@@ -1,7 +1,9 @@
-"""Logit-distillation losses as pure functions, in the style of ``torch.nn.functional``.
+"""Distillation losses as pure functions, in the style of ``torch.nn.functional``.
 
-Every function takes student logits ``(B, K)`` and teacher logits ``(B, K)`` and returns a scalar
-tensor. Conventions shared by all of them:
+The logit losses take student logits ``(B, K)`` and teacher logits ``(B, K)``; the feature losses
+(:func:`attention_transfer`, :func:`similarity_preserving`, :func:`pkt`, :func:`rkd`,
+:func:`contrastive_nce`, :func:`itrd_correlation`, :func:`itrd_mutual_information`) take feature maps
+``(B, C, H, W)`` or pooled features ``(B, D)``. Every one returns a scalar tensor. Conventions shared by all:
 
 * Gradients flow into the student logits only: teacher logits are detached inside, so targets and
   weights built from the teacher are constants.
@@ -17,10 +19,13 @@ one sample, KL(p ‖ q) = Σ_k p_k · (log p_k − log q_k), and mean_b averages
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kl_div", "kd", "soft_target_kd", "ttm", "wttm", "dkd", "dkd_parts", "dist"]
+__all__ = ["kl_div", "kd", "soft_target_kd", "ttm", "wttm", "dkd", "dkd_parts", "dist", "attention_transfer",
+           "similarity_preserving", "pkt", "rkd", "contrastive_nce", "itrd_correlation", "itrd_mutual_information"]
 
 DIST_EPS = 1e-8
 """Added to the product of norms in DIST's Pearson correlation (the DIST code's convention)."""
@@ -307,3 +312,153 @@ def dist(
     inter = 1.0 - _mean_pearson_of_rows(probs_student, probs_teacher)
     intra = 1.0 - _mean_pearson_of_rows(probs_student.T, probs_teacher.T)
     return tau**2 * (beta * inter + gamma * intra)
+
+
+# -- feature losses ------------------------------------------------------------------------------------
+def _as_working(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both in the working dtype, the teacher detached (a target, never trained through)."""
+    dtype = _working_dtype(student, teacher)
+    return student.to(dtype), teacher.detach().to(dtype)
+
+
+def _attention(feature_map: torch.Tensor, p: float) -> torch.Tensor:
+    """AT's spatial attention: the channel mean of ``f^p``, flattened and L2-normalised per sample."""
+    return F.normalize(feature_map.pow(p).mean(1).flatten(1), dim=1)
+
+
+def attention_transfer(student_maps, teacher_maps, p: float = 2.0) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017), summed over the stage pairs:
+
+        AT = Σ_pairs mean_{b,i} (a(s)_{b,i} − a(t)_{b,i})²,   a(f) = normalize(mean_c f^p)
+
+    over the H·W positions i. Of a pair, the map with the larger spatial size is adaptive-average-pooled to
+    the other's (mdistiller's convention; RepDistiller requires equal sizes).
+    """
+    total = None
+    for student, teacher in zip(student_maps, teacher_maps, strict=True):
+        student, teacher = _as_working(student, teacher)
+        if student.shape[-2:] != teacher.shape[-2:]:
+            if student.shape[-2] > teacher.shape[-2]:
+                student = F.adaptive_avg_pool2d(student, teacher.shape[-2:])
+            else:
+                teacher = F.adaptive_avg_pool2d(teacher, student.shape[-2:])
+        pair = (_attention(student, p) - _attention(teacher, p)).pow(2).mean()
+        total = pair if total is None else total + pair
+    if total is None:
+        raise ValueError("attention_transfer needs at least one pair of stage maps")
+    return total
+
+
+def _similarity(feature_map: torch.Tensor) -> torch.Tensor:
+    flat = feature_map.flatten(1)
+    return F.normalize(flat @ flat.T, dim=1)
+
+
+def similarity_preserving(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+    """Similarity-preserving KD (Tung & Mori, ICCV 2019): with G = row-normalize(f fᵀ) the batch's (B, B)
+    similarity of the flattened maps,
+
+        SP = Σ_{b,b'} (G(t) − G(s))² / B²
+    """
+    student, teacher = _as_working(student_map, teacher_map)
+    return (_similarity(teacher) - _similarity(student)).pow(2).sum() / student.shape[0] ** 2
+
+
+def _pkt_distribution(features: torch.Tensor, eps: float) -> torch.Tensor:
+    unit = torch.nan_to_num(features / (features.norm(dim=1, keepdim=True) + eps), nan=0.0)
+    similarity = (unit @ unit.T + 1.0) / 2.0
+    return similarity / similarity.sum(dim=1, keepdim=True)
+
+
+def pkt(student_features: torch.Tensor, teacher_features: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018): each row of the batch's cosine similarity,
+    mapped to [0, 1] and normalised, is a distribution P (teacher) or Q (student) over the batch;
+
+        PKT = mean_{b,b'} P_{bb'} · log((P_{bb'} + eps) / (Q_{bb'} + eps))
+
+    (RepDistiller's form: eps added to the norms and inside the log, the mean over all B² entries).
+    """
+    student, teacher = _as_working(student_features, teacher_features)
+    target, model = _pkt_distribution(teacher, eps), _pkt_distribution(student, eps)
+    return (target * torch.log((target + eps) / (model + eps))).mean()
+
+
+def _distances(features: torch.Tensor, squared: bool, eps: float) -> torch.Tensor:
+    """Pairwise Euclidean distances (0 on the diagonal), divided by the mean of the positive ones."""
+    square = features.pow(2).sum(dim=1)
+    distances = (square[:, None] + square[None, :] - 2 * features @ features.T).clamp(min=eps)
+    distances = distances if squared else distances.sqrt()
+    distances = distances.clone()
+    distances[range(len(features)), range(len(features))] = 0
+    return distances / distances[distances > 0].mean()
+
+
+def _angles(features: torch.Tensor) -> torch.Tensor:
+    """cos of the angle at every vertex j of every triangle (i, j, k) of the batch, (B³,)."""
+    differences = F.normalize(features[None, :, :] - features[:, None, :], p=2, dim=2)
+    return torch.bmm(differences, differences.transpose(1, 2)).flatten()
+
+
+def rkd(student_features: torch.Tensor, teacher_features: torch.Tensor, distance_weight: float = 25.0,
+        angle_weight: float = 50.0, squared: bool = False, eps: float = 1e-12) -> torch.Tensor:
+    """Relational KD (Park et al., CVPR 2019) on pooled features:
+
+        RKD = w_d · mean huber(ψ_D(s) − ψ_D(t)) + w_a · mean huber(ψ_A(s) − ψ_A(t))
+
+    ψ_D: pairwise distances, each matrix divided by the mean of its positive entries; ψ_A: the cosines of
+    the angles of every triangle of the batch; huber is the smooth-L1 loss with β = 1 (RepDistiller's form).
+    """
+    student, teacher = _as_working(student_features, teacher_features)
+    distance = F.smooth_l1_loss(_distances(student, squared, eps), _distances(teacher, squared, eps))
+    angle = F.smooth_l1_loss(_angles(student), _angles(teacher))
+    return distance_weight * distance + angle_weight * angle
+
+
+CRD_EPS = 1e-7
+"""Added to NCE's denominators (CRD's convention)."""
+
+
+def contrastive_nce(log_scores: torch.Tensor, n_data: int) -> torch.Tensor:
+    """CRD's binary NCE loss (Tian et al., ICLR 2020, eq. 18) from log scores ``(B, 1 + K)``: column 0 is the
+    positive pair, the K others negatives, and a score is P = exp(⟨m, e⟩ / T) / Z. With c = K/N + eps:
+
+        NCE = −(1/B) Σ_b [ log(P_b0 / (P_b0 + c)) + Σ_k log((K/N) / (P_bk + c)) ]
+
+    computed in log space (log(P + c) = logaddexp(log P, log c)), so scores far above c stay finite.
+    """
+    negatives = log_scores.shape[1] - 1
+    noise = negatives / n_data
+    log_c = torch.log(torch.as_tensor(noise + CRD_EPS, dtype=log_scores.dtype, device=log_scores.device))
+    positive = log_scores[:, 0] - torch.logaddexp(log_scores[:, 0], log_c)
+    negative = math.log(noise) - torch.logaddexp(log_scores[:, 1:], log_c)
+    return -(positive.sum() + negative.sum()) / log_scores.shape[0]
+
+
+def _standardise(features: torch.Tensor) -> torch.Tensor:
+    return (features - features.mean(0)) / features.std(0)
+
+
+def itrd_correlation(student_features: torch.Tensor, teacher_features: torch.Tensor,
+                     alpha: float = 1.5) -> torch.Tensor:
+    """ITRD's correlation term (Miles et al., ICLR 2022), on features of equal width D (the student embedded):
+    with s̃, t̃ standardised per dimension over the batch (unbiased std) and c_d = mean_b s̃_bd t̃_bd,
+
+        L_corr = log₂ Σ_d |c_d − 1|^(2α)
+    """
+    student, teacher = _as_working(student_features, teacher_features)
+    correlation = (_standardise(student) * _standardise(teacher)).sum(0) / student.shape[0]
+    return torch.log2((correlation - 1).abs().pow(2 * alpha).sum())
+
+
+def itrd_mutual_information(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """ITRD's mutual-information term: with ŝ, t̂ the L2-normalised rows, G_s = ŝŝᵀ, G_st = G_s ∘ t̂t̂ᵀ, each
+    divided by its trace,
+
+        L_mi = Σ_{b,b'} (G_s² − G_st²)
+    """
+    student, teacher = _as_working(student_features, teacher_features)
+    unit_s, unit_t = F.normalize(student, dim=1), F.normalize(teacher, dim=1)
+    gram_s = unit_s @ unit_s.T
+    gram_st = gram_s * (unit_t @ unit_t.T)
+    gram_s, gram_st = gram_s / torch.trace(gram_s), gram_st / torch.trace(gram_st)
+    return (gram_s.pow(2) - gram_st.pow(2)).sum()

@@ -1,10 +1,11 @@
 """Launched by test_distributed.py under torchrun (2 CPU ranks, gloo): do DDP replicas stay identical?
 
 For each method named on the command line, every rank builds the same networks (same seed), builds the
-method's engine as the trainer does (which wraps the whole method in DDP), and takes a few training steps
-on *its own* random batch. If every gradient is averaged over the ranks, the replicas end bitwise equal;
-if some update escaped DDP, they drift apart. Rank 0 prints one line per method: ``<method> <max abs
-difference>``. ``--no-sync`` builds the engine without the DDP wrapper (the check that the check can fail).
+method's engine as the trainer does (which wraps the whole method in DDP), and takes a few training steps on
+*its own* random batch. If every gradient is averaged over the ranks (and crd's memory banks take every rank's
+samples), the replicas end bitwise equal; if some update escaped DDP, they drift apart. Rank 0 prints one line
+per method: ``<method> <max abs difference>``. ``--no-sync`` builds the engine without the DDP wrapper (the
+check that the check can fail).
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ def replica_gap(method_name: str, env: distributed.DistEnv) -> float:
     teacher = build_network(recipe.teacher.arch, 10).eval().requires_grad_(False)
     networks = {name: build_network(arch, 10) for name, arch in
                 cls.networks_for(parse_params(cls, recipe.method.params), recipe.student.arch).items()}
-    method = step.build_method(recipe.method, networks, teacher, 10, 32, torch.device("cpu"), env.world)
+    method = step.build_method(recipe.method, networks, teacher, 10, 32, torch.device("cpu"), env.world,
+                               train_labels=torch.arange(64) % 10)
     engine = step.Engine(method, teacher, recipe, epochs=1, dist=env)
     method.train()
     data = torch.Generator().manual_seed(100 + env.rank)  # a different batch on every rank
     for i in range(STEPS):
-        batch = Batch(torch.randn(8, 3, 32, 32, generator=data), torch.randint(0, 10, (8,), generator=data),
-                      torch.arange(8))
+        indices = torch.arange(8) + 8 * env.rank  # distinct samples: crd's memory rows
+        batch = Batch(torch.randn(8, 3, 32, 32, generator=data), indices % 10, indices)
         engine.train_step(batch, StepInfo(0, 1, i, torch.Generator().manual_seed(i)))
-    flat = torch.cat([p.detach().flatten() for p in method.parameters()])
+    memories = [b for name, b in method.named_buffers() if name.endswith("memory")]  # crd's banks
+    flat = torch.cat([t.detach().flatten() for t in [*method.parameters(), *memories]])
     gathered = [torch.empty_like(flat) for _ in range(env.world)]
     torch.distributed.all_gather(gathered, flat)
     return max((g - gathered[0]).abs().max().item() for g in gathered)

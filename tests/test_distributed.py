@@ -37,9 +37,10 @@ def replica_gaps(*args: str) -> dict[str, float]:
 
 def test_replicas_stay_identical_for_every_kind_of_method() -> None:
     # kd, ttm: one logit pass; kdav: pre-logit taps and a projector; afd: several networks, transfer layers
-    # and discriminators in three passes with three optimisers; ida: mixing and the projection on every rank.
+    # and discriminators in three passes with three optimisers; ida: mixing and the projection on every rank;
+    # crd: embedding heads and memory banks written with every rank's samples; fitnet: a regressor on stage maps.
     # All of it goes through the engine's one DDP wrapper around the method.
-    methods = ("kd", "ttm", "kdav", "afd", "ida")
+    methods = ("kd", "ttm", "kdav", "afd", "ida", "crd", "fitnet")
     assert replica_gaps(*methods) == dict.fromkeys(methods, 0.0)
 
 

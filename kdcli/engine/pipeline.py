@@ -159,7 +159,7 @@ def run_stage(stage: str, method_name: str, networks: dict[str, str], teacher: n
     stage_recipe = recipe if method_name == recipe.method.name else dataclasses.replace(
         recipe, method=dataclasses.replace(recipe.method, name=method_name, weights={}, params={}))
     method = build_method(stage_recipe.method, built, teacher, data.num_classes, data.image_size, ctx.device,
-                          ctx.dist.world)
+                          ctx.dist.world, data.train.labels)
     stage_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / stage)
     cache = teacher_cache(stage_recipe, teacher, data, ctx, method) if teacher is not None else None
     return Trainer(method, teacher, data, stage_recipe, stage_ctx, stage, cache).fit()

@@ -28,23 +28,51 @@ from kdcli.engine.distributed import DistEnv, wrap
 from kdcli.engine.optim import build_optimizers
 from kdcli.errors import UserError
 from kdcli.methods import get_method
-from kdcli.methods.base import Batch, Method, MethodContext, StepInfo, StepOutput, parse_params
+from kdcli.methods.base import (
+    FEATURE_TERMS,
+    Batch,
+    Method,
+    MethodContext,
+    MethodParams,
+    StepInfo,
+    StepOutput,
+    parse_params,
+    parse_term_params,
+)
 from kdcli.models import Features, FeatureShapes, Taps, compile_taps, feature_shapes, forward_taps
 from kdcli.models.fold import fold_batchnorm
 from kdcli.recipes import MethodConfig, Recipe, TeacherConfig
 
 
 def build_method(cfg: MethodConfig, networks: dict[str, nn.Module], teacher: nn.Module | None, num_classes: int,
-                 image_size: int, device: torch.device, world_size: int = 1) -> Method:
-    """The method of ``cfg`` over ``networks``, given the shapes of what it taps from them and the teacher."""
+                 image_size: int, device: torch.device, world_size: int = 1,
+                 train_labels: torch.Tensor | None = None) -> Method:
+    """The method of ``cfg`` over ``networks``, given the shapes of what it taps from them and the teacher, with
+    the feature terms its weights name attached (see :class:`~kdcli.methods.base.FeatureTerm`)."""
     cls = get_method(cfg.name)
     if cls.teacher_taps is not None and teacher is None:
         raise UserError(f"method '{cfg.name}' needs a teacher; add teacher.arch (and teacher.checkpoint) to the recipe")
     shapes = {name: _shapes(net, image_size, cls.taps, num_classes) for name, net in networks.items()}
     if teacher is not None and cls.teacher_taps is not None:
         shapes["teacher"] = _shapes(teacher, image_size, cls.teacher_taps, num_classes)
-    ctx = MethodContext(num_classes, image_size, device, world_size, shapes)
-    return cls(networks, parse_params(cls, cfg.params), cfg.weights, ctx).to(device)
+    ctx = MethodContext(num_classes, image_size, device, world_size, shapes, train_labels)
+    method = cls(networks, parse_params(cls, cfg.params), cfg.weights, ctx)
+    for name, weight in method.weights.items():
+        if name in FEATURE_TERMS and weight != 0:
+            _attach(method, name, parse_term_params(name, cfg.params), teacher, image_size, num_classes)
+    return method.to(device)
+
+
+def _attach(method: Method, name: str, params: MethodParams, teacher: nn.Module, image_size: int,
+            num_classes: int) -> None:
+    """Build feature term ``name`` for the method's main network and the teacher, sized by a probing pass."""
+    term_cls = FEATURE_TERMS[name]
+    student = next(iter(method.networks.values()))
+    stages = term_cls.stages(params, len(student.feature_info), len(teacher.feature_info))
+    student_taps, teacher_taps = term_cls.taps(params, *stages)
+    term = term_cls(params, method.ctx, _shapes(student, image_size, student_taps, num_classes),
+                    _shapes(teacher, image_size, teacher_taps, num_classes))
+    method.attach_term(term.to(next(student.parameters()).device), *stages)
 
 
 def _shapes(network: nn.Module, image_size: int, taps: Taps, num_classes: int) -> FeatureShapes:
@@ -56,13 +84,14 @@ def _shapes(network: nn.Module, image_size: int, taps: Taps, num_classes: int) -
 
 def method_engine(cfg: MethodConfig, networks: dict[str, nn.Module], teacher: nn.Module | None, num_classes: int,
                   image_size: int = 32, recipe: Recipe | None = None, epochs: int = 1,
-                  device: torch.device | None = None, cache: CachedTeacher | None = None) -> Engine:
+                  device: torch.device | None = None, cache: CachedTeacher | None = None,
+                  train_labels: torch.Tensor | None = None) -> Engine:
     """A method over ``networks`` and its engine in one process, e.g. for tests, benchmarks and notebooks.
 
     ``recipe`` supplies the optimiser, schedule and precision (defaults: a default :class:`Recipe`).
     """
     device = device or next(next(iter(networks.values())).parameters()).device
-    method = build_method(cfg, networks, teacher, num_classes, image_size, device)
+    method = build_method(cfg, networks, teacher, num_classes, image_size, device, train_labels=train_labels)
     return Engine(method, teacher, dataclasses.replace(recipe or Recipe(), method=cfg), epochs, cache=cache)
 
 

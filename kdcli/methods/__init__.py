@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from kdcli.errors import UserError
-from kdcli.methods.base import Batch, Method, StepInfo, StepOutput, check_weights, params_table, parse_params
+from kdcli.methods.base import (
+    FEATURE_TERMS,
+    Batch,
+    Method,
+    StepInfo,
+    StepOutput,
+    check_weights,
+    params_table,
+    parse_params,
+    parse_term_params,
+)
 from kdcli.recipes import MethodConfig
 
 METHODS: dict[str, type[Method]] = {}
@@ -34,6 +44,9 @@ def validate_method_config(cfg: MethodConfig, source: str) -> None:
         raise UserError(f"recipe {source}: 'method.name': {err}") from None
     parse_params(cls, cfg.params, source)
     check_weights(cls, cfg.weights, source)
+    for name in FEATURE_TERMS:
+        if name in cfg.params:
+            parse_term_params(name, cfg.params, source)
 
 
 def describe_methods() -> list[dict[str, str]]:
@@ -41,7 +54,8 @@ def describe_methods() -> list[dict[str, str]]:
     return [
         {"method": name, "summary": cls.summary, "loss terms (default weight)":
             ", ".join(f"{k}={v:g}" for k, v in cls.default_weights.items()),
-         "optional terms": ", ".join(cls.optional_terms), "params": params_table(cls)}
+         "optional terms": ", ".join([*cls.optional_terms, *(["any feature term"] if cls.teacher_taps else [])]),
+         "params": params_table(cls)}
         for name, cls in sorted(METHODS.items())
     ]
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from kdcli.augment import MixedBatch
 from kdcli.errors import UserError
-from kdcli.models import Features, FeatureShapes, Taps
+from kdcli.models import Features, FeatureShapes, Taps, merge_taps, select_stages
 from kdcli.recipes import OptimConfig, ScheduleConfig, build_dataclass
 
 Outputs = dict[str, Features]  # network name -> what its pass produced
@@ -80,6 +80,7 @@ class MethodContext:
     device: torch.device
     world_size: int
     shapes: dict[str, FeatureShapes]  # per network name, and "teacher": shapes of the tapped outputs
+    train_labels: Tensor | None = None  # the label of every training sample, by position (CRD's negatives)
 
 
 @dataclass
@@ -127,6 +128,8 @@ class Method(nn.Module, abc.ABC):
         self.params = params
         self.ctx = ctx
         self.weights = {**self.default_weights, **weights}
+        self.feature_terms = nn.ModuleDict()  # see attach_term
+        self._term_stages: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
     @classmethod
     def networks_for(cls, params: MethodParams, student_arch: str | None) -> dict[str, str]:
@@ -158,7 +161,28 @@ class Method(nn.Module, abc.ABC):
 
     def term_weight(self, name: str, info: StepInfo) -> float:
         """Weight of a term at this step; override for schedules such as DKD's warm-up."""
-        return self.weights.get(name, 0.0)
+        weight = self.weights.get(name, 0.0)
+        return weight * self.feature_terms[name].ramp(info) if name in self.feature_terms else weight
+
+    def attach_term(self, term: FeatureTerm, student_stages: tuple[int, ...], teacher_stages: tuple[int, ...]) -> None:
+        """Add a feature term (its weight is ``self.weights[term.name]``); the method's taps grow by the term's, so
+        the same passes give it the student's and the teacher's outputs it reads."""
+        self.feature_terms[term.name] = term
+        self._term_stages[term.name] = (student_stages, teacher_stages)
+        student_taps, teacher_taps = term.taps(term.params, student_stages, teacher_stages)
+        self.taps = merge_taps(self.taps, student_taps)
+        self.teacher_taps = merge_taps(self.teacher_taps, teacher_taps)
+
+    def feature_loss_terms(self, student: Features, teacher: Features | None, batch: Batch,
+                           info: StepInfo) -> dict[str, Tensor]:
+        """The attached feature terms with a non-zero weight at this step, unweighted."""
+        terms = {}
+        for name, term in self.feature_terms.items():
+            if self.term_weight(name, info) != 0.0:
+                student_stages, teacher_stages = self._term_stages[name]
+                terms[name] = term(select_stages(student, self.taps, student_stages),
+                                   select_stages(teacher, self.teacher_taps, teacher_stages), batch, info)
+        return terms
 
     def weighted_total(self, terms: dict[str, Tensor], info: StepInfo) -> Tensor:
         total = sum(self.term_weight(name, info) * value for name, value in terms.items())
@@ -179,7 +203,75 @@ class Method(nn.Module, abc.ABC):
 
     def _pass(self, batch: Batch, outputs: Outputs, teacher: Features | None,
               info: StepInfo) -> tuple[Tensor, dict[str, Tensor]]:
-        return main_output(outputs).logits, self.loss_terms(batch, outputs, teacher, info)
+        student = main_output(outputs)
+        terms = self.loss_terms(batch, outputs, teacher, info)
+        return student.logits, {**terms, **self.feature_loss_terms(student, teacher, batch, info)}
+
+
+class FeatureTerm(nn.Module, abc.ABC):
+    """A distillation loss on features (FitNet's hint, AT, CRD, ...), which any method with a teacher adds by
+    weight: ``method.weights.<name>``, with its settings in ``method.params.<name>``.
+
+    The term owns what it trains and keeps (regressors, embedding heads, memory banks) as submodules and
+    buffers: they are saved with the method, averaged by DDP, stepped by the method's optimiser, and never
+    part of the exported student. It reads the outputs it declares through :meth:`taps` from the same passes
+    the method runs, and receives them with its stage maps in the order of its own stage indices.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    default_weight: ClassVar[float] = 1.0  # the published weight (the standalone method's)
+
+    def __init__(self, params: MethodParams, ctx: MethodContext, student: FeatureShapes,
+                 teacher: FeatureShapes) -> None:
+        super().__init__()
+        self.params, self.ctx = params, ctx
+
+    @classmethod
+    def stages(cls, params: MethodParams, student_stages: int, teacher_stages: int) -> tuple[tuple[int, ...],
+                                                                                            tuple[int, ...]]:
+        """The (non-negative) stage indices it reads of the student and of the teacher, given how many stages each
+        network has; none by default."""
+        return (), ()
+
+    @classmethod
+    def taps(cls, params: MethodParams, student_stages: tuple[int, ...],
+             teacher_stages: tuple[int, ...]) -> tuple[Taps, Taps]:
+        """What it reads of the student and of the teacher; by default their stage maps only."""
+        return Taps(logits=False, stages=student_stages), Taps(logits=False, stages=teacher_stages)
+
+    def ramp(self, info: StepInfo) -> float:
+        """The factor of its weight at this step (1; ReviewKD's warm-up overrides it)."""
+        return 1.0
+
+    @abc.abstractmethod
+    def forward(self, student: Features, teacher: Features, batch: Batch, info: StepInfo) -> Tensor:
+        """The unweighted loss from the student's and the teacher's outputs."""
+
+
+FEATURE_TERMS: dict[str, type[FeatureTerm]] = {}
+
+
+def register_term(cls: type[FeatureTerm]) -> type[FeatureTerm]:
+    """Make a feature term available to every method with a teacher, by its name."""
+    FEATURE_TERMS[cls.name] = cls
+    return cls
+
+
+def parse_term_params(name: str, raw: dict[str, Any], source: str = "recipe") -> MethodParams:
+    """The settings of feature term ``name``: ``method.params.<name>`` validated against its Params."""
+    return build_dataclass(FEATURE_TERMS[name].Params, raw.get(name) or {}, f"method.params.{name}.", source)
+
+
+def gather_from_ranks(tensor: Tensor) -> Tensor:
+    """Concatenate the tensor of every DDP rank (equal shapes), so every rank updates a shared memory alike."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
 
 
 def main_output(outputs: Outputs) -> Features:
@@ -195,16 +287,23 @@ def step_output(logits: Tensor, terms: dict[str, Tensor], total: Tensor) -> Step
 
 
 def parse_params(cls: type[Method], raw: dict[str, Any], source: str = "recipe") -> MethodParams:
-    """Validate ``method.params`` against the method's typed Params dataclass."""
-    return build_dataclass(cls.Params, raw, "method.params.", source)
+    """Validate ``method.params`` against the method's typed Params dataclass (the sections named after feature
+    terms are the terms' own: :func:`parse_term_params`)."""
+    own = {key: value for key, value in raw.items() if key not in FEATURE_TERMS}
+    return build_dataclass(cls.Params, own, "method.params.", source)
 
 
 def check_weights(cls: type[Method], weights: dict[str, float], source: str) -> None:
     allowed = set(cls.default_weights) | set(cls.optional_terms)
-    unknown = sorted(set(weights) - allowed)
+    unknown = sorted(set(weights) - allowed - set(FEATURE_TERMS))
     if unknown:
+        features = f"; any method with a teacher also takes the feature terms {', '.join(sorted(FEATURE_TERMS))}"
         raise UserError(f"recipe {source}: 'method.weights.{unknown[0]}' is not a loss term of method "
-                        f"'{cls.name}'; its terms: {', '.join(sorted(allowed))}")
+                        f"'{cls.name}'; its terms: {', '.join(sorted(allowed))}{features}")
+    borrowed = sorted(name for name in weights if name in FEATURE_TERMS and name not in allowed and weights[name])
+    if borrowed and cls.teacher_taps is None:
+        raise UserError(f"recipe {source}: 'method.weights.{borrowed[0]}' is a feature term, which needs a teacher, and "
+                        f"method '{cls.name}' has none; use a distillation method (e.g. kd)")
     negative = sorted(name for name, value in weights.items() if value < 0)
     if negative:
         raise UserError(f"recipe {source}: 'method.weights.{negative[0]}' must be >= 0 (a negative weight would "
@@ -216,6 +315,10 @@ def check_weights(cls: type[Method], weights: dict[str, float], source: str) -> 
 
 
 def params_table(cls: type[Method]) -> str:
-    """`name=default` list of a method's hyper-parameters, for `kdcli list methods`."""
-    fields = dataclasses.fields(cls.Params)
-    return ", ".join(f"{f.name}={f.default}" for f in fields if f.default is not dataclasses.MISSING)
+    """`name=default` list of a method's hyper-parameters (and its feature terms' `term.name=default`), for `kdcli
+    list methods`."""
+    pairs = [(f.name, f.default) for f in dataclasses.fields(cls.Params) if f.default is not dataclasses.MISSING]
+    for term in (FEATURE_TERMS[name] for name in cls.default_weights if name in FEATURE_TERMS):
+        pairs += [(f"{term.name}.{f.name}", f.default) for f in dataclasses.fields(term.Params)
+                  if f.default is not dataclasses.MISSING]
+    return ", ".join(f"{name}={default}" for name, default in pairs)

@@ -23,6 +23,9 @@ Switches of ida / ida-p (spec section 8):
   teacher logits and then takes ``softmax(. / tau)`` (the authors' code). Both remove every violation.
 * ``mode``: ``add`` (default) adds the ``ida`` term; ``replace`` distils the ``kd`` term from ``p~``
   instead of the teacher's soft labels and computes no ``ida`` term (``weights.ida`` is then unused).
+* ``form``: ``paper`` (default) or ``released_code``: the released code passes the student's softmax where
+  KD-i expects its logits, so its ida term is ``KL(p~ || softmax(softmax(z_S) / tau))``, a double softmax
+  (use it with ``ir_space: logit`` to reproduce the released code's KD-i).
 * ``ratio``: each batch gets the order correction (``ida``, ``penalty``, the replaced ``kd`` target)
   with probability ``ratio`` and is plain KD-aug otherwise (the paper's Fig. 4). The Bernoulli draw is
   taken from the same generator only when ``0 < ratio < 1``, so at the default ``ratio = 1`` ida, ida-p
@@ -93,11 +96,15 @@ class IsotonicParams(MixParams):
     """ratio: probability that a batch gets the order correction (the paper's Fig. 4).
     mode: add (an extra ida term) or replace (the kd term distils from the corrected labels).
     ir_space: prob_tau (project softmax(z_T/tau)) or logit (project z_T, the authors' code).
+    form: paper (the ida term is KL(p~ || softmax(z_S/tau))) or released_code (the released code's KD-i: the
+    student's softmax enters where its logits belong, KL(p~ || softmax(softmax(z_S)/tau)), a double softmax
+    whose gradient is tens of times weaker; with ir_space=logit it reproduces the released code).
     """
 
     ratio: float = 1.0
     mode: Literal["add", "replace"] = "add"
     ir_space: Literal["prob_tau", "logit"] = "prob_tau"
+    form: Literal["paper", "released_code"] = "paper"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -176,7 +183,8 @@ class IsotonicKD(MixedKD):
         if not corrected:
             return torch.zeros((), device=logits.device)
         if name == "ida":
-            return losses.soft_target_kd(logits, target, self.params.tau)
+            student = F.softmax(logits.float(), dim=1) if self.params.form == "released_code" else logits
+            return losses.soft_target_kd(student, target, self.params.tau)
         # KD-p on the student's distribution at temperature 1 (spec section 4.1, decision 7)
         return order_penalty(F.softmax(logits.float(), dim=1), mixed.primary, mixed.secondary)
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from kdcli import losses
 from kdcli.errors import UserError
 from kdcli.methods import register
-from kdcli.methods.base import Batch, Method, MethodContext, MethodParams, Outputs, StepInfo
+from kdcli.methods.base import Batch, Method, MethodContext, MethodParams, Outputs, StepInfo, gather_from_ranks
 from kdcli.models import Features, Taps
 
 LABEL_FLOOR = 1e-12
@@ -155,16 +155,6 @@ class InstanceQueue(nn.Module):
         self.count.copy_((self.count + keep).clamp(max=self.length))
 
 
-def _all_gather(tensor: Tensor) -> Tensor:
-    """Concatenate the tensor of every DDP rank (equal shapes), so all ranks share one queue."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
 # -- the method -----------------------------------------------------------------------------------
 @dataclass
 class KDAVParams(MethodParams):
@@ -233,7 +223,8 @@ class KDAV(Method):
         if self.term_weight("rel", info) and not no_members:
             terms["rel"] = membership_kl(membership_scores(anchors, members.embeddings, p.kappa_t), scores)
         # enqueue after the loss (MoCo order): ``members`` is a copy, so autograd's saved tensors stay intact
-        self.queue.enqueue(_all_gather(anchors), _all_gather(teacher_logits), _all_gather(batch.labels))
+        self.queue.enqueue(gather_from_ranks(anchors), gather_from_ranks(teacher_logits),
+                           gather_from_ranks(batch.labels))
         return terms
 
     def _members(self, anchors: Tensor, teacher_logits: Tensor, labels: Tensor) -> Members:

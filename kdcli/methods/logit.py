@@ -27,7 +27,7 @@ from torch import Tensor
 from kdcli import losses
 from kdcli.errors import UserError
 from kdcli.methods import register
-from kdcli.methods.base import Batch, Method, MethodParams, Outputs, StepInfo, main_output
+from kdcli.methods.base import Batch, FeatureTerm, Method, MethodParams, Outputs, StepInfo, main_output
 from kdcli.models import Features
 
 TermFn = Callable[[Tensor, Tensor | None, Tensor, MethodParams], Tensor]
@@ -71,11 +71,13 @@ class LogitMethod(Method):
     """Shared implementation: the student's and the teacher's logits, the weighted terms of :data:`TERMS`."""
 
     def active_terms(self, info: StepInfo) -> list[str]:
-        """The terms with a non-zero weight at this step, in the order of ``self.weights``."""
-        return [name for name in self.weights if self.term_weight(name, info) != 0.0]
+        """The logit terms with a non-zero weight at this step, in the order of ``self.weights`` (feature terms are
+        the base class's)."""
+        return [name for name in self.weights if name not in self.feature_terms and self.term_weight(name, info) != 0.0]
 
     def uses_teacher(self, info: StepInfo) -> bool:
-        return self.teacher_taps is not None and any(name != "ce" for name in self.active_terms(info))
+        teacher_terms = [name for name in self.weights if name != "ce" and self.term_weight(name, info) != 0.0]
+        return self.teacher_taps is not None and bool(teacher_terms)
 
     def loss_terms(self, batch: Batch, outputs: Outputs, teacher: Features | None, info: StepInfo) -> dict[str, Tensor]:
         logits = main_output(outputs).logits
@@ -216,10 +218,22 @@ class DISTParams(MethodParams):
 
 @register
 class DIST(LogitMethod):
-    """DIST (Huang et al., NeurIPS 2022): CE + τ² · (β · inter + γ · intra) Pearson distances."""
+    """DIST (Huang et al., NeurIPS 2022): CE + 2 · τ² · (β · inter + γ · intra) Pearson distances (the DIST
+    authors' CIFAR weight 2, with β = γ = 1 and τ = 4)."""
 
     name = "dist"
-    summary = "DIST: CE + tau^2*(beta*inter + gamma*intra) relation losses"
+    summary = "DIST: CE + 2*tau^2*(beta*inter + gamma*intra) relation losses"
     Params = DISTParams
-    default_weights = {"ce": 1.0, "dist": 1.0}
+    default_weights = {"ce": 1.0, "dist": 2.0}
     optional_terms = ("kd",)
+
+
+def standalone(term: type[FeatureTerm]) -> type[LogitMethod]:
+    """The method of a feature term on its own, as published: CE + weight · term (plus ``kd`` by weight, at
+    ``method.params.temperature``). Other methods add the term by weight, e.g. wttm + crd."""
+    method = type(term.__name__.removesuffix("Term"), (LogitMethod,), {
+        "__doc__": f"CE + {term.default_weight:g} · {term.name} ({term.__doc__.splitlines()[0]})",
+        "name": term.name, "summary": f"CE + {term.default_weight:g}*{term.summary}", "Params": KDParams,
+        "default_weights": {"ce": 1.0, term.name: term.default_weight}, "optional_terms": ("kd",),
+        "__module__": term.__module__})
+    return register(method)

@@ -18,7 +18,16 @@ from torch import nn
 
 from kdcli.errors import UserError
 from kdcli.models.cifar_zoo import ZOO_SPECS, build_zoo_model
-from kdcli.models.taps import Features, FeatureShapes, Taps, compile_taps, feature_shapes, forward_taps
+from kdcli.models.taps import (
+    Features,
+    FeatureShapes,
+    Taps,
+    compile_taps,
+    feature_shapes,
+    forward_taps,
+    merge_taps,
+    select_stages,
+)
 
 ZOO: tuple[str, ...] = tuple(ZOO_SPECS)
 
@@ -62,4 +71,4 @@ def describe_models() -> list[dict[str, Any]]:
 
 
 __all__ = ["ZOO", "FeatureShapes", "Features", "Taps", "check_model_name", "compile_taps", "create_model", "describe_models",
-           "feature_shapes", "forward_taps"]
+           "feature_shapes", "forward_taps", "merge_taps", "select_stages"]

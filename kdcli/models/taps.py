@@ -111,3 +111,18 @@ def compile_taps(model: nn.Module) -> None:
     for name in ("forward_features", "forward_head", "forward_intermediates"):
         if hasattr(model, name):
             setattr(model, name, torch.compile(getattr(model, name)))
+
+
+def merge_taps(*taps: Taps) -> Taps:
+    """The taps of one pass that gives every output any of ``taps`` asks for. Stage indices must be
+    non-negative; the merged ones are sorted, the order :func:`forward_taps` returns their maps in."""
+    if any(index < 0 for t in taps for index in t.stages):
+        raise ValueError("merge_taps needs non-negative stage indices")
+    return Taps(logits=any(t.logits for t in taps), pre_logits=any(t.pre_logits for t in taps),
+                feature_map=any(t.feature_map for t in taps),
+                stages=tuple(sorted({index for t in taps for index in t.stages})))
+
+
+def select_stages(features: Features, merged: Taps, wanted: tuple[int, ...]) -> Features:
+    """``features`` of a :func:`merge_taps` pass with only the stage maps ``wanted``, in that order."""
+    return features._replace(stages=tuple(features.stages[merged.stages.index(i)] for i in wanted))

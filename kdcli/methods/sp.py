@@ -1,0 +1,35 @@
+"""Similarity-preserving KD (Tung & Mori, ICCV 2019) on the last feature map.
+
+    L_sp = Σ (G(f_T) − G(f_S))² / B²,   G(f) = row-normalize(f fᵀ)      (:func:`kdcli.losses.similarity_preserving`)
+
+f is the map each network pools (``forward_features``, RepDistiller's ``feat[-2]``). RepDistiller's and
+mdistiller's CIFAR setting: weight 3000.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from kdcli import losses
+from kdcli.methods.base import Batch, FeatureTerm, StepInfo, register_term
+from kdcli.methods.logit import standalone
+from kdcli.models import Features, Taps
+
+
+@register_term
+class SPTerm(FeatureTerm):
+    """Tung & Mori 2019: match the batch's pairwise similarities of the last maps."""
+
+    name = "sp"
+    summary = "similarity-preserving loss on the last feature map"
+    default_weight = 3000.0
+
+    @classmethod
+    def taps(cls, params, student_stages, teacher_stages) -> tuple[Taps, Taps]:
+        return Taps(logits=False, feature_map=True), Taps(logits=False, feature_map=True)
+
+    def forward(self, student: Features, teacher: Features, batch: Batch, info: StepInfo) -> Tensor:
+        return losses.similarity_preserving(student.feature_map, teacher.feature_map)
+
+
+SP = standalone(SPTerm)

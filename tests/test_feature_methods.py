@@ -1,0 +1,140 @@
+"""Feature methods as feature terms: their parts exist only in training, they combine with any logit method by
+weight, their state resumes exactly, and their settings are checked."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from kdcli.engine import pipeline
+from kdcli.engine.pipeline import build_network, resolve_recipe
+from kdcli.engine.step import Engine, build_method, method_engine
+from kdcli.engine.trainer import RunContext
+from kdcli.errors import RunInterrupted, UserError
+from kdcli.methods import get_method
+from kdcli.methods.base import Batch, StepInfo
+from kdcli.methods.crd import OtherClassSampler
+from kdcli.methods.fitnet import hint_regressor
+from kdcli.models import create_model
+from kdcli.recipes import MethodConfig
+
+FEATURE_METHODS = ("fitnet", "at", "sp", "pkt", "rkd", "crd", "itrd")
+
+
+def _engine(name: str, **weights: float) -> Engine:
+    torch.manual_seed(0)
+    networks = {"student": build_network("resnet8", 10)}
+    teacher = build_network("resnet14", 10).eval().requires_grad_(False)
+    return method_engine(MethodConfig(name=name, weights=weights), networks, teacher, 10,
+                         train_labels=torch.arange(40) % 10)
+
+
+def _method(name: str, **weights: float):
+    return _engine(name, **weights).method
+
+
+@pytest.mark.parametrize("name", FEATURE_METHODS)
+def test_each_feature_method_trains_the_student_and_its_parts_stay_out_of_the_student(name: str) -> None:
+    engine = _engine(name)
+    method = engine.method
+    assert method.weights == {"ce": 1.0, name: get_method(name).default_weights[name]}
+    extra = [key for key in method.state_dict() if not key.startswith("networks.")]
+    assert all(key.startswith(f"feature_terms.{name}.") for key in extra)
+    assert bool(extra) == (name in ("fitnet", "crd", "itrd"))  # regressor, heads and banks, embedding
+    plain = create_model("resnet8", num_classes=10).state_dict()
+    assert method.networks["student"].state_dict().keys() == plain.keys()  # exported: a plain zoo student
+    g = torch.Generator().manual_seed(1)
+    batch = Batch(torch.randn(8, 3, 32, 32, generator=g), torch.arange(8) % 10, torch.arange(8))
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    out = engine.train_step(batch, StepInfo(0, 1, 0, torch.Generator().manual_seed(0)))
+    assert set(out.logs) == {"ce", name, "loss"} and all(torch.isfinite(v) for v in out.logs.values())
+    assert out.logs[name] > 0
+    changed = {k for k, v in method.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("networks.student.") for k in changed)
+    assert any(k.startswith(f"feature_terms.{name}.") for k in changed) or name in ("at", "sp", "pkt", "rkd")
+
+
+def test_feature_terms_combine_with_any_logit_method_by_weight() -> None:
+    method = _method("wttm", crd=0.8, itrd=1.0)
+    assert set(method.feature_terms) == {"crd", "itrd"}
+    assert method.taps.logits and method.taps.pre_logits and method.teacher_taps.pre_logits
+    ida = _method("ida", crd=0.8)
+    assert "crd" in ida.feature_terms and ida.weights["ida"] == 3.0
+    with pytest.raises(UserError, match="needs a teacher"):
+        from kdcli.methods import validate_method_config
+
+        validate_method_config(MethodConfig(name="ce", weights={"crd": 0.8}), "test")
+
+
+def test_term_settings_are_validated_under_their_own_section() -> None:
+    with pytest.raises(UserError, match="unknown key 'method.params.crd.nce_q'"):
+        resolve_recipe("quickstart", ["method=crd", "method.params.crd.nce_q=3"])
+    with pytest.raises(UserError, match="nce_t > 0"):
+        resolve_recipe("quickstart", ["method=crd", "method.params.crd.nce_t=0"])
+    recipe = resolve_recipe("quickstart", ["method=fitnet", "method.params.fitnet.student_stage=7"])
+    with pytest.raises(UserError, match="student has 3 stages"):
+        _method_from(recipe)
+
+
+def _method_from(recipe):
+    cls = get_method(recipe.method.name)
+    assert cls is not None
+    networks = {"student": build_network(recipe.student.arch, 10)}
+    return build_method(recipe.method, networks, build_network(recipe.teacher.arch, 10), 10, 32, torch.device("cpu"),
+                        train_labels=torch.arange(40) % 10)
+
+
+def test_fitnet_regressor_follows_repdistillers_convreg() -> None:
+    assert isinstance(hint_regressor((16, 32, 32), (32, 16, 16))[0], torch.nn.Conv2d)  # twice the size: stride 2
+    assert isinstance(hint_regressor((16, 8, 8), (32, 16, 16))[0], torch.nn.ConvTranspose2d)  # half: upsample
+    assert hint_regressor((16, 10, 10), (32, 8, 8))[0].kernel_size == (3, 3)  # larger: the kernel absorbs it
+    with pytest.raises(UserError, match="cannot be regressed"):
+        hint_regressor((16, 4, 4), (32, 16, 16))
+    for s, t in (((16, 32, 32), (32, 16, 16)), ((16, 8, 8), (32, 16, 16)), ((16, 10, 10), (32, 8, 8))):
+        assert hint_regressor(s, t)(torch.zeros(2, *s)).shape == (2, *t)
+
+
+def test_crd_negatives_are_other_classes_drawn_from_the_methods_stream() -> None:
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 2, 2])
+    sampler = OtherClassSampler(labels)
+    drawn = sampler(torch.tensor([2, 0]), 500, torch.Generator().manual_seed(0))
+    assert (labels[drawn[0]] != 2).all() and (labels[drawn[1]] != 0).all()
+    assert set(drawn[0].tolist()) == {0, 1, 3, 4} and set(drawn[1].tolist()) == {1, 2, 4, 5, 6, 7}  # all reachable
+    again = sampler(torch.tensor([2, 0]), 500, torch.Generator().manual_seed(0))
+    assert torch.equal(drawn, again)
+
+
+def test_crd_memory_and_heads_resume_bit_exactly_mid_epoch(tiny_recipe, tmp_path: Path, monkeypatch) -> None:
+    recipe = resolve_recipe(str(tiny_recipe(method="crd", epochs=2)), ["method.params.crd.nce_k=64"])
+    teacher = tmp_path / "t/teacher/checkpoints/teacher-best.safetensors"
+    pipeline.train_teacher(resolve_recipe(str(tiny_recipe(method="ce", epochs=1))), _ctx(tmp_path / "t"), smoke=False)
+    recipe.teacher.checkpoint = str(teacher)
+    pipeline.distill(recipe, _ctx(tmp_path / "a"), smoke=False)
+    real, taken = Engine.train_step, []
+
+    def sigterm_at_step_10(self, batch, info):
+        taken.append(info.step)
+        if len(taken) == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batch, info)
+
+    monkeypatch.setattr(Engine, "train_step", sigterm_at_step_10)
+    with pytest.raises(RunInterrupted):
+        pipeline.distill(recipe, _ctx(tmp_path / "b"), smoke=False)
+    monkeypatch.undo()
+    pipeline.distill(recipe, _ctx(tmp_path / "b", resume=True), smoke=False)
+    a, b = (load_file(tmp_path / d / "crd/checkpoints/student-last.safetensors") for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    states = [torch.load(tmp_path / d / "crd/checkpoints/train_state.pt", weights_only=True)["method"] for d in "ab"]
+    assert torch.equal(states[0]["feature_terms.crd.memory"], states[1]["feature_terms.crd.memory"])
+    assert torch.equal(states[0]["feature_terms.crd.log_z"], states[1]["feature_terms.crd.log_z"])
+
+
+def _ctx(out: Path, resume: bool = False) -> RunContext:
+    return RunContext(out, torch.device("cpu"), seed=5, console=Console(quiet=True), resume=resume)

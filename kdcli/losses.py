@@ -2,7 +2,8 @@
 
 The logit losses take student logits ``(B, K)`` and teacher logits ``(B, K)``; the feature losses
 (:func:`attention_transfer`, :func:`similarity_preserving`, :func:`pkt`, :func:`rkd`,
-:func:`contrastive_nce`, :func:`itrd_correlation`, :func:`itrd_mutual_information`) take feature maps
+:func:`contrastive_nce`, :func:`itrd_correlation`, :func:`itrd_mutual_information`,
+:func:`hierarchical_context`) take feature maps
 ``(B, C, H, W)`` or pooled features ``(B, D)``. Every one returns a scalar tensor. Conventions shared by all:
 
 * Gradients flow into the student logits only: teacher logits are detached inside, so targets and
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["kl_div", "kd", "soft_target_kd", "ttm", "wttm", "dkd", "dkd_parts", "dist", "attention_transfer",
-           "similarity_preserving", "pkt", "rkd", "contrastive_nce", "itrd_correlation", "itrd_mutual_information"]
+           "similarity_preserving", "pkt", "rkd", "contrastive_nce", "itrd_correlation", "itrd_mutual_information",
+           "hierarchical_context"]
 
 DIST_EPS = 1e-8
 """Added to the product of norms in DIST's Pearson correlation (the DIST code's convention)."""
@@ -434,14 +436,19 @@ def contrastive_nce(log_scores: torch.Tensor, n_data: int) -> torch.Tensor:
     return -(positive.sum() + negative.sum()) / log_scores.shape[0]
 
 
+ITRD_MIN_STD = 1e-8
+"""Floor of ITRD's per-dimension std: a dimension constant over the batch (a dead ReLU unit) standardises to 0
+instead of NaN (the authors' code divides by the std as it is)."""
+
+
 def _standardise(features: torch.Tensor) -> torch.Tensor:
-    return (features - features.mean(0)) / features.std(0)
+    return (features - features.mean(0)) / features.std(0).clamp_min(ITRD_MIN_STD)
 
 
 def itrd_correlation(student_features: torch.Tensor, teacher_features: torch.Tensor,
                      alpha: float = 1.5) -> torch.Tensor:
     """ITRD's correlation term (Miles et al., ICLR 2022), on features of equal width D (the student embedded):
-    with s̃, t̃ standardised per dimension over the batch (unbiased std) and c_d = mean_b s̃_bd t̃_bd,
+    with s̃, t̃ standardised per dimension over the batch (unbiased std, floored at 1e-8) and c_d = mean_b s̃_bd t̃_bd,
 
         L_corr = log₂ Σ_d |c_d − 1|^(2α)
     """
@@ -462,3 +469,31 @@ def itrd_mutual_information(student_features: torch.Tensor, teacher_features: to
     gram_st = gram_s * (unit_t @ unit_t.T)
     gram_s, gram_st = gram_s / torch.trace(gram_s), gram_st / torch.trace(gram_st)
     return (gram_s.pow(2) - gram_st.pow(2)).sum()
+
+
+HCL_LEVELS = (4, 2, 1)
+"""The pooled pyramid levels of ReviewKD's hierarchical context loss (each used when smaller than the map)."""
+
+
+def hierarchical_context(student_maps, teacher_maps) -> torch.Tensor:
+    """ReviewKD's hierarchical context loss (Chen et al., CVPR 2021), summed over the pairs of maps:
+
+        HCL(s, t) = (mse(s, t) + Σ_l w_l · mse(pool_l(s), pool_l(t))) / (1 + Σ_l w_l)
+
+    over the levels l ∈ {4, 2, 1} smaller than the map's height, pool_l an adaptive average pool to l x l
+    and w_l = 1/2, 1/4, 1/8 in the order the levels are used.
+    """
+    total = None
+    for student, teacher in zip(student_maps, teacher_maps, strict=True):
+        student, teacher = _as_working(student, teacher)
+        loss, weight, weights = F.mse_loss(student, teacher), 1.0, 1.0
+        for level in HCL_LEVELS:
+            if level >= student.shape[2]:
+                continue
+            weight /= 2.0
+            pooled = F.mse_loss(F.adaptive_avg_pool2d(student, level), F.adaptive_avg_pool2d(teacher, level))
+            loss, weights = loss + weight * pooled, weights + weight
+        total = loss / weights if total is None else total + loss / weights
+    if total is None:
+        raise ValueError("hierarchical_context needs at least one pair of maps")
+    return total

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -197,12 +198,17 @@ def recipes_dir() -> Path:
     raise UserError("no recipes directory found; reinstall kdcli (pip install -e .)")
 
 
+GRID_FILE = "_grid.yaml"
+
+
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in recipes_dir().glob("*.yaml") if not p.stem.startswith("_"))
+    """Every shipped recipe: the YAML files (not the ``_`` bases) and the names the grid table resolves."""
+    files = {p.stem for p in recipes_dir().glob("*.yaml") if not p.stem.startswith("_")}
+    return sorted(files | set(_grid()))
 
 
 def find_recipe(name_or_path: str) -> Path:
-    """Resolve a recipe name (``quickstart``) or a YAML path."""
+    """Resolve a recipe name (``quickstart``) or a YAML path; a name of the grid table gives the table's path."""
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -210,23 +216,34 @@ def find_recipe(name_or_path: str) -> Path:
                             "give a path to a YAML file or a name from `kdcli list recipes`")
         return path
     shipped = recipes_dir() / f"{name_or_path}.yaml"
-    if not shipped.is_file():
-        import difflib
+    if shipped.is_file():
+        return shipped
+    if name_or_path in _grid():
+        return recipes_dir() / GRID_FILE
+    import difflib
 
-        close = difflib.get_close_matches(name_or_path, list_recipes(), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UserError(f"unknown recipe '{name_or_path}'{hint}; see `kdcli list recipes` or pass a YAML path")
-    return shipped
+    close = difflib.get_close_matches(name_or_path, list_recipes(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise UserError(f"unknown recipe '{name_or_path}'{hint}; see `kdcli list recipes` or pass a YAML path")
+
+
+def recipe_source(name_or_path: str) -> str:
+    """Where a recipe comes from, for messages: its file, or its name in the grid table."""
+    path = find_recipe(name_or_path)
+    return f"{name_or_path} ({path})" if path.name == GRID_FILE else str(path)
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     """Load, merge with its ``base`` chain, apply ``key.path=value`` overrides and validate."""
     path = find_recipe(name_or_path)
-    raw = _load_with_bases(path, seen=())
-    raw.setdefault("name", path.stem)
+    if path.name == GRID_FILE:
+        raw = _expand(copy.deepcopy(_grid()[name_or_path]), path, seen=())
+    else:
+        raw = _load_with_bases(path, seen=())
+        raw.setdefault("name", path.stem)
     for override in overrides or []:
         _apply_override(raw, override)
-    source = str(path) + (" with --set overrides" if overrides else "")
+    source = recipe_source(name_or_path) + (" with --set overrides" if overrides else "")
     recipe = build_dataclass(Recipe, raw, "", source)
     _validate(recipe, source)
     return recipe
@@ -235,6 +252,10 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
 def _load_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path in seen:
         raise UserError(f"recipe {path}: 'base' chain loops back to itself; remove the cycle")
+    return _expand(_read_mapping(path), path, seen)
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     try:
         raw = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -243,15 +264,59 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         raise UserError(f"recipe {path}{where}: not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
     if not isinstance(raw, dict):
         raise UserError(f"recipe {path}: top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def _expand(raw: dict[str, Any], path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """``raw`` merged over its ``base`` chain (the base's name, description and paper fields are not inherited)."""
     base = raw.pop("base", None)
     if base is None:
         return raw
     parent = _load_with_bases(find_recipe(str(base)), seen + (path,))
-    parent.pop("name", None)
-    parent.pop("description", None)
-    parent.pop("paper_top1", None)
-    parent.pop("paper_source", None)
+    for key in ("name", "description", "paper_top1", "paper_source"):
+        parent.pop(key, None)
     return _merge(parent, raw)
+
+
+@functools.cache
+def _grid_table(directory: Path) -> dict[str, dict[str, Any]]:
+    """The recipes of ``_grid.yaml``: per method and pair ``cifar100-<teacher>-<student>-<method>``, the pair's
+    base with the method's section, its per-pair overrides and the pair's settings of the feature terms it
+    uses, plus the reported accuracy where the table has one (see the comments in the table)."""
+    table_path = directory / GRID_FILE
+    if not table_path.is_file():
+        return {}
+    table = _read_mapping(table_path)
+    recipes = {}
+    for method, spec in table["methods"].items():
+        for index, pair in enumerate(table["pairs"]):
+            section = _deep_merge(spec["method"], spec.get("per_pair", {}).get(pair, {}))
+            uses = {section["name"], *section.get("weights", {})}
+            for term, settings in table.get("term_params", {}).get(pair, {}).items():
+                if term in uses:
+                    params = section.setdefault("params", {})
+                    params[term] = _deep_merge(settings, params.get(term, {}))
+            raw = {"base": f"_cifar100-{pair}", "name": f"cifar100-{pair}-{method}",
+                   "description": f"{spec['description']} ({pair.replace('-', ' -> ')}, RepDistiller protocol)",
+                   "method": section}
+            reported = spec.get("paper_top1", [None] * len(table["pairs"]))[index]
+            if reported is not None:
+                raw.update(paper_top1=reported, paper_source=spec["paper_source"])
+            recipes[raw["name"]] = raw
+    return recipes
+
+
+def _grid() -> dict[str, dict[str, Any]]:
+    return _grid_table(recipes_dir())
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, recursively for every mapping (a grid override adds single weights)."""
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else copy.deepcopy(value)
+    return merged
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -38,9 +38,10 @@ def replica_gaps(*args: str) -> dict[str, float]:
 def test_replicas_stay_identical_for_every_kind_of_method() -> None:
     # kd, ttm: one logit pass; kdav: pre-logit taps and a projector; afd: several networks, transfer layers
     # and discriminators in three passes with three optimisers; ida: mixing and the projection on every rank;
-    # crd: embedding heads and memory banks written with every rank's samples; fitnet: a regressor on stage maps.
+    # crd: embedding heads and memory banks written with every rank's samples; fitnet: a regressor on stage maps;
+    # reviewkd: ABF modules over stage maps and the pooled feature.
     # All of it goes through the engine's one DDP wrapper around the method.
-    methods = ("kd", "ttm", "kdav", "afd", "ida", "crd", "fitnet")
+    methods = ("kd", "ttm", "kdav", "afd", "ida", "crd", "fitnet", "reviewkd")
     assert replica_gaps(*methods) == dict.fromkeys(methods, 0.0)
 
 

@@ -4,7 +4,8 @@ Golden values: the reference functions of mdistiller (commit a08d46f) and RepDis
 ``AT.at_loss``/``single_stage_at_loss``, ``SP.similarity_loss``, ``PKT.cosine_similarity_loss``, ``RKDLoss``,
 ``crd/criterion.py::ContrastLoss`` (both repositories agree bit for bit) -- and of the TTM authors' code
 (zkxufo/TTM commit fe457b3, ``distiller_zoo/itrd.py::ITLoss``), run unchanged in float64 on the inputs of
-:func:`inputs` (drawn in this order from one generator seeded 0).
+:func:`inputs` (drawn in this order from one generator seeded 0). ReviewKD's ``hcl_loss`` and ``ABF`` from
+mdistiller (``mdistiller/distillers/ReviewKD.py``), the same in dvlab-research/ReviewKD (commit cede6ea).
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ def test_itrd_terms_match_the_ttm_authors_itloss() -> None:
     assert losses.itrd_mutual_information(embedded, t_feat).item() == pytest.approx(0.35922904907513431, rel=1e-12)
 
 
+def test_itrd_correlation_stays_finite_with_a_dead_unit() -> None:
+    _, _, s_feat, t_feat = inputs()
+    dead = s_feat[:, :10].clone()
+    dead[:, 3] = 0.0  # constant over the batch, as a ReLU unit that never fires
+    assert torch.isfinite(losses.itrd_correlation(dead, t_feat[:, :10]))
+
+
 def test_identical_student_and_teacher_cost_nothing_and_relations_ignore_scale() -> None:
     s_maps, _, s_feat, _ = inputs()
     assert losses.attention_transfer(s_maps, s_maps).item() == 0.0
@@ -82,6 +90,33 @@ def test_identical_student_and_teacher_cost_nothing_and_relations_ignore_scale()
     assert losses.rkd(3.0 * s_feat, s_feat).item() == pytest.approx(0.0, abs=1e-12)
     # SP's rows are normalised: scaling the student's maps changes nothing
     assert losses.similarity_preserving(5.0 * s_maps[0], s_maps[0]).item() == pytest.approx(0.0, abs=1e-15)
+
+
+def test_hierarchical_context_matches_reviewkds_hcl_loss() -> None:
+    g = torch.Generator().manual_seed(0)
+    sizes = ((4, 8, 8), (4, 4, 4), (4, 1, 1))
+    student = [torch.randn(2, *size, generator=g, dtype=F64) for size in sizes]
+    teacher = [torch.randn(2, *size, generator=g, dtype=F64) for size in sizes]
+    # per pair 1.1896511758882198 (8x8: levels 4, 2, 1), 1.3355079814243533 (4x4: 2, 1), 1.6224979473035033 (1x1)
+    assert losses.hierarchical_context(student[2:], teacher[2:]).item() == pytest.approx(1.6224979473035033, rel=1e-12)
+    assert losses.hierarchical_context(student, teacher).item() == pytest.approx(4.147657104616076, rel=1e-12)
+
+
+def test_reviewkd_abf_matches_the_reference_module() -> None:
+    from kdcli.methods.reviewkd import ABF
+
+    abf = ABF(3, 4, 5, fuse=True).double().eval()
+    with torch.no_grad():  # every parameter, in the reference's order, set to a linspace
+        for parameter in abf.parameters():
+            parameter.copy_(torch.linspace(-0.5, 0.5, parameter.numel(), dtype=F64).reshape(parameter.shape))
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    residual = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
+    output, fused = abf(x, residual, 4)
+    assert output.sum().item() == pytest.approx(39.75208675474102, rel=1e-12)
+    assert output.pow(2).sum().item() == pytest.approx(143.21883620642123, rel=1e-12)
+    assert fused.sum().item() == pytest.approx(12.782211474518524, rel=1e-12)
+    assert output[0, 0, 0].tolist() == pytest.approx([-1.4915655561057044, -1.8086526165027081, -1.6710993839430317,
+                                                      -1.045267299187466], rel=1e-12)
 
 
 @pytest.mark.parametrize("loss", ["attention_transfer", "similarity_preserving", "pkt", "rkd", "itrd_correlation",

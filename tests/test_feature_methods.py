@@ -24,7 +24,7 @@ from kdcli.methods.fitnet import hint_regressor
 from kdcli.models import create_model
 from kdcli.recipes import MethodConfig
 
-FEATURE_METHODS = ("fitnet", "at", "sp", "pkt", "rkd", "crd", "itrd")
+FEATURE_METHODS = ("fitnet", "at", "sp", "pkt", "rkd", "crd", "itrd", "reviewkd")
 
 
 def _engine(name: str, **weights: float) -> Engine:
@@ -46,7 +46,7 @@ def test_each_feature_method_trains_the_student_and_its_parts_stay_out_of_the_st
     assert method.weights == {"ce": 1.0, name: get_method(name).default_weights[name]}
     extra = [key for key in method.state_dict() if not key.startswith("networks.")]
     assert all(key.startswith(f"feature_terms.{name}.") for key in extra)
-    assert bool(extra) == (name in ("fitnet", "crd", "itrd"))  # regressor, heads and banks, embedding
+    assert bool(extra) == (name in ("fitnet", "crd", "itrd", "reviewkd"))  # regressor, heads and banks, embedding, ABFs
     plain = create_model("resnet8", num_classes=10).state_dict()
     assert method.networks["student"].state_dict().keys() == plain.keys()  # exported: a plain zoo student
     g = torch.Generator().manual_seed(1)

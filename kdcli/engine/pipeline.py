@@ -43,7 +43,7 @@ from kdcli.engine.trainer import RunContext, RunSummary, Trainer
 from kdcli.errors import UserError
 from kdcli.methods import get_method, validate_method_config
 from kdcli.methods.base import Method, parse_params
-from kdcli.recipes import Recipe, find_recipe, load_recipe
+from kdcli.recipes import Recipe, load_recipe, recipe_source
 
 SMOKE_STEPS = 2
 SMOKE_BATCH = 16
@@ -53,7 +53,7 @@ SMOKE_MARK = "SMOKE RUN (a few steps on generated data, random teacher if none i
 def resolve_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe (with ``--set`` overrides) and check its ``method`` section against the method registry."""
     recipe = load_recipe(name_or_path, overrides)
-    validate_method_config(recipe.method, str(find_recipe(name_or_path)) + (" with --set overrides" if overrides else ""))
+    validate_method_config(recipe.method, recipe_source(name_or_path) + (" with --set overrides" if overrides else ""))
     return recipe
 
 

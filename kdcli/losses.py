@@ -20,7 +20,9 @@ one sample, KL(p ‖ q) = Σ_k p_k · (log p_k − log q_k), and mean_b averages
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -317,6 +319,19 @@ def dist(
 
 
 # -- feature losses ------------------------------------------------------------------------------------
+def _outside_autocast(loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run a feature loss with autocast off: under an enclosing bf16/fp16 autocast its matmuls would otherwise be
+    cast back to half precision (PKT's weight of 30000 turns that rounding into the whole loss)."""
+
+    @functools.wraps(loss)
+    def wrapper(student, *args, **kwargs):
+        device = (student if isinstance(student, torch.Tensor) else student[0]).device
+        with torch.autocast(device.type, enabled=False):
+            return loss(student, *args, **kwargs)
+
+    return wrapper
+
+
 def _as_working(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Both in the working dtype, the teacher detached (a target, never trained through)."""
     dtype = _working_dtype(student, teacher)
@@ -328,13 +343,14 @@ def _attention(feature_map: torch.Tensor, p: float) -> torch.Tensor:
     return F.normalize(feature_map.pow(p).mean(1).flatten(1), dim=1)
 
 
+@_outside_autocast
 def attention_transfer(student_maps, teacher_maps, p: float = 2.0) -> torch.Tensor:
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017), summed over the stage pairs:
 
         AT = Σ_pairs mean_{b,i} (a(s)_{b,i} − a(t)_{b,i})²,   a(f) = normalize(mean_c f^p)
 
     over the H·W positions i. Of a pair, the map with the larger spatial size is adaptive-average-pooled to
-    the other's (mdistiller's convention; RepDistiller requires equal sizes).
+    the other's (as mdistiller and RepDistiller do).
     """
     total = None
     for student, teacher in zip(student_maps, teacher_maps, strict=True):
@@ -356,6 +372,7 @@ def _similarity(feature_map: torch.Tensor) -> torch.Tensor:
     return F.normalize(flat @ flat.T, dim=1)
 
 
+@_outside_autocast
 def similarity_preserving(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
     """Similarity-preserving KD (Tung & Mori, ICCV 2019): with G = row-normalize(f fᵀ) the batch's (B, B)
     similarity of the flattened maps,
@@ -372,6 +389,7 @@ def _pkt_distribution(features: torch.Tensor, eps: float) -> torch.Tensor:
     return similarity / similarity.sum(dim=1, keepdim=True)
 
 
+@_outside_autocast
 def pkt(student_features: torch.Tensor, teacher_features: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018): each row of the batch's cosine similarity,
     mapped to [0, 1] and normalised, is a distribution P (teacher) or Q (student) over the batch;
@@ -401,6 +419,7 @@ def _angles(features: torch.Tensor) -> torch.Tensor:
     return torch.bmm(differences, differences.transpose(1, 2)).flatten()
 
 
+@_outside_autocast
 def rkd(student_features: torch.Tensor, teacher_features: torch.Tensor, distance_weight: float = 25.0,
         angle_weight: float = 50.0, squared: bool = False, eps: float = 1e-12) -> torch.Tensor:
     """Relational KD (Park et al., CVPR 2019) on pooled features:
@@ -420,6 +439,7 @@ CRD_EPS = 1e-7
 """Added to NCE's denominators (CRD's convention)."""
 
 
+@_outside_autocast
 def contrastive_nce(log_scores: torch.Tensor, n_data: int) -> torch.Tensor:
     """CRD's binary NCE loss (Tian et al., ICLR 2020, eq. 18) from log scores ``(B, 1 + K)``: column 0 is the
     positive pair, the K others negatives, and a score is P = exp(⟨m, e⟩ / T) / Z. With c = K/N + eps:
@@ -445,6 +465,7 @@ def _standardise(features: torch.Tensor) -> torch.Tensor:
     return (features - features.mean(0)) / features.std(0).clamp_min(ITRD_MIN_STD)
 
 
+@_outside_autocast
 def itrd_correlation(student_features: torch.Tensor, teacher_features: torch.Tensor,
                      alpha: float = 1.5) -> torch.Tensor:
     """ITRD's correlation term (Miles et al., ICLR 2022), on features of equal width D (the student embedded):
@@ -457,6 +478,7 @@ def itrd_correlation(student_features: torch.Tensor, teacher_features: torch.Ten
     return torch.log2((correlation - 1).abs().pow(2 * alpha).sum())
 
 
+@_outside_autocast
 def itrd_mutual_information(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
     """ITRD's mutual-information term: with ŝ, t̂ the L2-normalised rows, G_s = ŝŝᵀ, G_st = G_s ∘ t̂t̂ᵀ, each
     divided by its trace,
@@ -475,6 +497,7 @@ HCL_LEVELS = (4, 2, 1)
 """The pooled pyramid levels of ReviewKD's hierarchical context loss (each used when smaller than the map)."""
 
 
+@_outside_autocast
 def hierarchical_context(student_maps, teacher_maps) -> torch.Tensor:
     """ReviewKD's hierarchical context loss (Chen et al., CVPR 2021), summed over the pairs of maps:
 

@@ -237,6 +237,9 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     """Load, merge with its ``base`` chain, apply ``key.path=value`` overrides and validate."""
     path = find_recipe(name_or_path)
     if path.name == GRID_FILE:
+        if name_or_path not in _grid():
+            raise UserError(f"{path} is the table of the grid recipes, not a recipe; pass one of its names, e.g. "
+                            f"{next(iter(_grid()), 'cifar100-resnet32x4-resnet8x4-crd')}")
         raw = _expand(copy.deepcopy(_grid()[name_or_path]), path, seen=())
     else:
         raw = _load_with_bases(path, seen=())
@@ -287,6 +290,7 @@ def _grid_table(directory: Path) -> dict[str, dict[str, Any]]:
     if not table_path.is_file():
         return {}
     table = _read_mapping(table_path)
+    _check_table(table, table_path)
     recipes = {}
     for method, spec in table["methods"].items():
         for index, pair in enumerate(table["pairs"]):
@@ -304,6 +308,18 @@ def _grid_table(directory: Path) -> dict[str, dict[str, Any]]:
                 raw.update(paper_top1=reported, paper_source=spec["paper_source"])
             recipes[raw["name"]] = raw
     return recipes
+
+
+def _check_table(table: dict[str, Any], path: Path) -> None:
+    """Every pair named in the table is one of its pairs, and every accuracy list has one entry per pair."""
+    pairs = table["pairs"]
+    unknown = [pair for pair in table.get("term_params", {}) if pair not in pairs]
+    for method, spec in table["methods"].items():
+        unknown += [pair for pair in spec.get("per_pair", {}) if pair not in pairs]
+        if len(spec.get("paper_top1", pairs)) != len(pairs):
+            raise UserError(f"{path}: methods.{method}.paper_top1 needs one entry per pair ({len(pairs)}); fix the table")
+    if unknown:
+        raise UserError(f"{path}: pair '{unknown[0]}' is not in its pairs list; fix the table")
 
 
 def _grid() -> dict[str, dict[str, Any]]:

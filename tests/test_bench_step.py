@@ -53,7 +53,9 @@ def test_variants_switch_exactly_what_they_name() -> None:
 
 @pytest.mark.parametrize("args, said", [
     (["--recipe", "cifar100-resnet", "--variants", "fast"], "unknown switch 'fast'"),
-    (["--recipe", "quickstart-kdav", "--variants", "default+cache"], "reads more of the teacher than a logits cache"),
+    (["--recipe", "quickstart-kdav", "--variants", "default+cache"], "reads more of the teacher (its feature terms"),
+    (["--recipe", "quickstart", "--set", "method.weights.crd=0.8", "--variants", "default+cache"],
+     "reads more of the teacher"),
     (["--recipe", "quickstart-kd-aug", "--variants", "default+cache"], "shows the teacher mixed images"),
 ])
 def test_bad_bench_input_is_one_line_and_exit_2(args: list[str], said: str) -> None:

@@ -78,6 +78,18 @@ def test_spot_checks_against_the_published_tables(cell: tuple[str, str]) -> None
     assert resolve_recipe(name(*cell)).paper_top1 == SPOT[cell]
 
 
+def test_the_table_itself_is_no_recipe_and_a_broken_table_is_named(tmp_path: Path, monkeypatch) -> None:
+    result = CliRunner().invoke(app, ["distill", "--recipe", "_grid", "--dry-run"])
+    assert result.exit_code == 2 and "is the table of the grid recipes, not a recipe" in result.output
+    from kdcli import recipes
+
+    table = (recipes.recipes_dir() / recipes.GRID_FILE).read_text()
+    (tmp_path / recipes.GRID_FILE).write_text(table.replace("  resnet56-resnet20: {params: {beta: 2.0}}",
+                                                            "  resnet65-resnet20: {params: {beta: 2.0}}"))
+    with pytest.raises(recipes.UserError, match="pair 'resnet65-resnet20' is not in its pairs list"):
+        recipes._grid_table(tmp_path)
+
+
 def test_the_dkd_recipe_of_resnet56_resnet20_shows_beta_2_in_dry_run() -> None:
     result = CliRunner().invoke(app, ["distill", "--recipe", name("resnet56-resnet20", "dkd"), "--dry-run"])
     assert result.exit_code == 0 and "beta: 2.0" in result.output

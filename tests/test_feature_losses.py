@@ -133,3 +133,22 @@ def test_gradients_reach_the_student_only_and_half_precision_is_upcast(loss: str
     half = fn([student.bfloat16()], [teacher.bfloat16()]) if loss == "attention_transfer" else fn(
         student.bfloat16(), teacher.bfloat16())
     assert half.dtype == torch.float32 and torch.isfinite(half)
+
+
+@pytest.mark.parametrize("loss", ["attention_transfer", "similarity_preserving", "pkt", "rkd", "contrastive_nce",
+                                  "itrd_correlation", "itrd_mutual_information", "hierarchical_context"])
+def test_an_enclosing_half_precision_autocast_does_not_reach_the_losses(loss: str) -> None:
+    """Under bf16 autocast the matmuls inside would run in bf16 (PKT's value was 190x off); the losses switch it off."""
+    s_maps, t_maps, s_feat, t_feat = inputs()
+    if loss in ("attention_transfer", "hierarchical_context"):
+        args = ([s_maps[1].float()], [t_maps[1][:, :16].float()])
+    elif loss == "similarity_preserving":
+        args = (s_maps[0].float(), t_maps[0].float())
+    elif loss == "contrastive_nce":
+        args = ((s_feat @ t_feat[:, :10].T).float(), 100)
+    else:
+        args = (s_feat.float(), t_feat[:, :10].float())
+    fn = getattr(losses, loss)
+    plain = fn(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fn(*args), plain)

@@ -138,3 +138,29 @@ def test_crd_memory_and_heads_resume_bit_exactly_mid_epoch(tiny_recipe, tmp_path
 
 def _ctx(out: Path, resume: bool = False) -> RunContext:
     return RunContext(out, torch.device("cpu"), seed=5, console=Console(quiet=True), resume=resume)
+
+
+@pytest.mark.parametrize("student, teacher, levels", [("resnet8x4", "resnet32x4", 4), ("vgg8", "vgg13", 5),
+                                                      ("MobileNetV2", "vgg13", 5), ("ShuffleV1", "resnet32x4", 4)])
+def test_reviewkd_reviews_the_authors_number_of_levels(student: str, teacher: str, levels: int) -> None:
+    """dvlab-research/ReviewKD's build_review_kd: 3 stage maps + the pooled feature for the CIFAR ResNets and
+    ShuffleNets, 4 + the pooled feature for VGG and MobileNetV2 students."""
+    torch.manual_seed(0)
+    engine = method_engine(MethodConfig(name="reviewkd"), {"student": build_network(student, 100)},
+                           build_network(teacher, 100).eval(), 100)
+    abfs = engine.method.feature_terms["reviewkd"].abfs
+    assert len(abfs) == levels and abfs[0].att_conv is None and all(a.att_conv is not None for a in abfs[1:])
+
+
+def test_feature_terms_run_in_float32_under_a_bf16_student() -> None:
+    from kdcli.recipes import Recipe, TrainConfig
+
+    torch.manual_seed(0)
+    cfg = MethodConfig(name="pkt")
+    recipe = Recipe(method=cfg, train=TrainConfig(precision="bf16"))
+    engine = method_engine(cfg, {"student": build_network("resnet8", 10)}, build_network("resnet14", 10).eval(), 10,
+                           recipe=recipe)
+    batch = Batch(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10,
+                  torch.arange(8))
+    _, terms = engine.step_terms(batch, StepInfo(0, 1, 0, torch.Generator().manual_seed(0)))
+    assert terms["pkt"].dtype == torch.float32 and torch.isfinite(terms["pkt"])

@@ -177,6 +177,28 @@ def test_replace_mode_distils_kd_from_the_corrected_target_and_drops_the_ida_ter
     torch.testing.assert_close(replace["ce"], add["ce"])
 
 
+def test_released_code_form_feeds_the_students_softmax_to_kd_i_and_is_much_weaker() -> None:
+    """The released code's KD-i: KL(p~ || softmax(softmax(z_S) / tau)) (spec ida.md, code quirk 1), computed
+    here by hand in float64 on the same mixed batch as the paper's form."""
+    student, teacher, batch = Linear(0), Linear(1), image_batch()
+    paper = make("ida", student, teacher, params={"ir_space": "logit"})
+    released = make("ida", student, teacher, params={"ir_space": "logit", "form": "released_code"})
+    mixed = mix("mixup", batch.images, batch.labels, 1.0, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        z_s, z_t = student(mixed.images).double(), teacher(mixed.images).double()
+    fixed = F.softmax(project(z_t, mixed.primary, mixed.secondary) / 4.5, dim=1)
+    log_q = F.log_softmax(F.softmax(z_s, dim=1) / 4.5, dim=1)
+    expected = (torch.xlogy(fixed, fixed) - fixed * log_q).sum(1).mean() * 4.5**2
+    terms = released.step_terms(batch, step_info(5))[1]
+    torch.testing.assert_close(terms["ida"].detach().double(), expected, rtol=1e-5, atol=1e-7)
+    grads = []
+    for engine in (paper, released):
+        student.zero_grad()
+        engine.step_terms(batch, step_info(5))[1]["ida"].backward()
+        grads.append(student.fc.weight.grad.norm().item())
+    assert grads[1] < grads[0] / 10  # tens of times weaker, as the issue reports of the released code
+
+
 def test_ratio_applies_the_correction_to_a_seeded_fraction_of_batches() -> None:
     student, teacher, batch = Linear(0), Linear(1), image_batch()
     never = make("ida", student, teacher, params={"ratio": 0.0}, weights={"penalty": 1.0})

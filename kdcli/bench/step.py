@@ -37,7 +37,6 @@ from kdcli.engine.cache import CachedTeacher, serves
 from kdcli.engine.pipeline import build_network, dataset_classes
 from kdcli.engine.step import method_engine
 from kdcli.errors import UserError
-from kdcli.methods import get_method
 from kdcli.methods.base import Batch, StepInfo
 from kdcli.models import Taps
 from kdcli.recipes import Recipe
@@ -260,12 +259,13 @@ def _kdcli(recipe: Recipe, variant: str, data: TensorSplit, classes: int, device
     teacher = build_network(recipe.teacher.arch, classes).to(device).eval()
     student = build_network(recipe.student.arch, classes, run.train.channels_last).to(device)
     cache = _random_cache(data, classes, device, seed) if "cache" in variant.split("+") else None
-    method = get_method(recipe.method.name)
-    if cache is not None and not serves(["logits"], method.teacher_taps or Taps()):
-        raise UserError(f"bench step: variant '{variant}': method '{recipe.method.name}' reads more of the teacher "
-                        "than a logits cache holds; drop +cache")
     engine = method_engine(run.method, {"student": student}, teacher, classes, data.image_size, run,
-                           epochs=run.train.epochs, device=device, cache=cache)
+                           epochs=run.train.epochs, device=device, train_labels=data.labels)
+    if cache is not None and not serves(["logits"], engine.method.teacher_taps or Taps()):
+        raise UserError(f"bench step: variant '{variant}': method '{recipe.method.name}' reads more of the teacher "
+                        "(its feature terms included) than a logits cache holds; drop +cache")
+    if cache is not None:
+        engine.teacher_seam.cache = cache
     loader = make_loader(data, recipe.train.batch_size, train=True, device=device, seed=seed,
                          channels_last=run.train.channels_last)
     batches = _forever(loader)

@@ -5,6 +5,11 @@
 The last ``pairs`` stages of each network are paired in order (RepDistiller's ``feat[1:-1]``: every stage of
 the zoo's ResNets, WRNs, ShuffleNets, MobileNetV2 and ResNet50, the last four of its VGGs); of a pair, the
 larger map is pooled to the smaller. RepDistiller's and mdistiller's CIFAR setting: p = 2, weight 1000.
+
+Known differences: stages are paired from the deepest (RepDistiller's ``zip`` pairs from the first), which
+differs only when the two networks have different stage counts; the zoo's last stage of MobileNetV2,
+ShuffleV2 and the WRNs ends with the head conv (or the final BN-ReLU), where RepDistiller's last map is the
+last block's output.
 """
 
 from __future__ import annotations

@@ -167,6 +167,8 @@ class Method(nn.Module, abc.ABC):
     def attach_term(self, term: FeatureTerm, student_stages: tuple[int, ...], teacher_stages: tuple[int, ...]) -> None:
         """Add a feature term (its weight is ``self.weights[term.name]``); the method's taps grow by the term's, so
         the same passes give it the student's and the teacher's outputs it reads."""
+        if type(self).taps.stages or (type(self).teacher_taps or Taps()).stages:
+            raise UserError(f"method '{self.name}' reads stage maps itself; feature terms cannot be added to it yet")
         self.feature_terms[term.name] = term
         self._term_stages[term.name] = (student_stages, teacher_stages)
         student_taps, teacher_taps = term.taps(term.params, student_stages, teacher_stages)
@@ -180,8 +182,11 @@ class Method(nn.Module, abc.ABC):
         for name, term in self.feature_terms.items():
             if self.term_weight(name, info) != 0.0:
                 student_stages, teacher_stages = self._term_stages[name]
-                terms[name] = term(select_stages(student, self.taps, student_stages),
-                                   select_stages(teacher, self.teacher_taps, teacher_stages), batch, info)
+                # Terms run in float32 outside autocast: their heads are small, and their losses (batch
+                # relations, NCE scores) lose too much in half precision.
+                with torch.autocast(batch.images.device.type, enabled=False):
+                    terms[name] = term(_as_float(select_stages(student, self.taps, student_stages)),
+                                       _as_float(select_stages(teacher, self.teacher_taps, teacher_stages)), batch, info)
         return terms
 
     def weighted_total(self, terms: dict[str, Tensor], info: StepInfo) -> Tensor:
@@ -272,6 +277,20 @@ def gather_from_ranks(tensor: Tensor) -> Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+def _as_float(features: Features) -> Features:
+    def cast(value):
+        if isinstance(value, tuple):
+            return tuple(t.float() for t in value)
+        return value.float() if value is not None else None
+
+    return Features(*(cast(value) for value in features))
+
+
+def linear_ramp(info: StepInfo, warmup_epochs: int) -> float:
+    """min(1, e / warmup_epochs) with e the 1-based epoch (1/warmup of the weight in the first epoch); 1 without."""
+    return min(1.0, (info.epoch + 1) / warmup_epochs) if warmup_epochs > 0 else 1.0
 
 
 def main_output(outputs: Outputs) -> Features:

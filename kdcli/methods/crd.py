@@ -13,8 +13,10 @@ method state, so ``--resume`` continues exactly; under torchrun every rank write
 its banks. Defaults (RepDistiller): 128-d, K = 16384, T = 0.07, μ = 0.5, weight 0.8.
 
 Differences from RepDistiller, on purpose: negatives are drawn with replacement from the other classes
-(RepDistiller draws without replacement), from the method's seeded generator; the scores of a batch are
-one matrix product against the whole bank, then gathered (the same numbers, another summation order).
+(RepDistiller draws without replacement), from the method's seeded generator on the CPU (one host sync a
+step for the labels); the scores of a batch are one matrix product against a copy of the whole bank, then
+gathered (the same numbers in another summation order; the copy keeps the bank free for its update, and
+costs N x 256 floats a step, 51 MB on CIFAR).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class CRDTerm(FeatureTerm):
         memory = torch.rand(2, self.sampler.total, params.feat_dim, generator=torch.Generator().manual_seed(0))
         self.register_buffer("memory", memory * 2 * bound - bound)  # [0]: student embeddings, [1]: teacher's
         self.register_buffer("log_z", torch.full((2,), math.nan))  # fixed on the first batch
+        self._z_fixed = False  # a cache of "log_z is set", which the buffer itself records for --resume
 
     def forward(self, student: Features, teacher: Features, batch: Batch, info: StepInfo) -> Tensor:
         params = self.params
@@ -108,11 +111,14 @@ class CRDTerm(FeatureTerm):
         memory = self.memory.clone()  # what the scores' gradients need, untouched by the update below
         dots = torch.stack([torch.gather(e_s @ memory[1].T, 1, rows),  # student anchor, teacher memory
                             torch.gather(e_t @ memory[0].T, 1, rows)]) / params.nce_t
-        if torch.isnan(self.log_z).any():
+        if not self._z_fixed:  # a host sync until Z is known (the first batch, or the first after a resume)
+            self._z_fixed = not torch.isnan(self.log_z).any().item()
+        if not self._z_fixed:
             # log Z = log(mean P · N), over every rank's batch, so all ranks share one Z
             mean = torch.logsumexp(dots.detach().flatten(1), dim=1) - math.log(dots[0].numel())
-            self.log_z.copy_(gather_from_ranks(mean[None]).logsumexp(0) - math.log(self.ctx.world_size)
-                             + math.log(self.sampler.total))
+            means = gather_from_ranks(mean[None])
+            self.log_z.copy_(means.logsumexp(0) - math.log(len(means)) + math.log(self.sampler.total))
+            self._z_fixed = True
         loss = sum(losses.contrastive_nce(dots[i] - self.log_z[i], self.sampler.total) for i in range(2))
         self._remember(e_s.detach(), e_t.detach(), batch.indices)
         return loss

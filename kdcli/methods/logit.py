@@ -27,7 +27,7 @@ from torch import Tensor
 from kdcli import losses
 from kdcli.errors import UserError
 from kdcli.methods import register
-from kdcli.methods.base import Batch, FeatureTerm, Method, MethodParams, Outputs, StepInfo, main_output
+from kdcli.methods.base import Batch, FeatureTerm, Method, MethodParams, Outputs, StepInfo, linear_ramp, main_output
 from kdcli.models import Features
 
 TermFn = Callable[[Tensor, Tensor | None, Tensor, MethodParams], Tensor]
@@ -193,10 +193,7 @@ class DKD(LogitMethod):
         """The dkd weight times min(1, e / warmup_epochs) with e the 1-based epoch (DKD's convention:
         1/20 of the weight in the first epoch, the full weight from epoch 20 on)."""
         weight = super().term_weight(name, info)
-        warmup = self.params.warmup_epochs
-        if name == "dkd" and warmup > 0:
-            weight *= min(1.0, (info.epoch + 1) / warmup)
-        return weight
+        return weight * linear_ramp(info, self.params.warmup_epochs) if name == "dkd" else weight
 
 
 @dataclass

@@ -3,7 +3,7 @@ fusion (ABF) modules, are matched to the teacher's level by level with the hiera
 
     L_reviewkd = Σ_levels HCL(ABF-fused student feature, teacher feature)      (:func:`kdcli.losses.hierarchical_context`)
 
-The levels are the last ``stages`` stage maps of each network plus its pooled feature as a 1x1 map. Going
+The levels are the last ``stage_maps`` stage maps of each network plus its pooled feature as a 1x1 map. Going
 from the deepest level up, each ABF maps the student's feature through a 1x1 conv (to ``min(512, deepest
 width)`` channels), fuses it with the residual from the level below by a per-pixel attention over the two,
 resizes it to the teacher's size and outputs a 3x3 conv to the teacher's width; the channel counts and
@@ -12,8 +12,10 @@ The ABFs train with the student and are never exported. Weight 5 (the authors' C
 pairs; 0.6 for resnet56 -> resnet20, 1 for resnet110 -> resnet32, 8 for ShuffleV2 students, in the grid
 recipes), ramped up linearly over the first 20 epochs (mdistiller's min(epoch / 20, 1), epochs from 1).
 
-Known difference: the authors compare with the teacher's *pre-activation* stage maps (mdistiller's
-``preact_feats``); the zoo exposes post-activation maps, so both sides here are post-activation.
+Known differences: the authors compare with the teacher's *pre-activation* stage maps (mdistiller's
+``preact_feats``); the zoo exposes post-activation maps, so both sides here are post-activation. The zoo's last
+stage of MobileNetV2, ShuffleV2 and the WRNs ends with the network's head conv (or final BN-ReLU), so the
+deepest reviewed map there is that output, where the authors take the last block's.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 
 from kdcli import losses
 from kdcli.errors import UserError
-from kdcli.methods.base import Batch, FeatureTerm, MethodParams, StepInfo, register_term
+from kdcli.methods.base import Batch, FeatureTerm, MethodParams, StepInfo, linear_ramp, register_term
 from kdcli.methods.logit import standalone
 from kdcli.models import Features, Taps
 
@@ -35,14 +37,16 @@ MAX_MID_CHANNELS = 512
 
 @dataclass
 class ReviewKDParams(MethodParams):
-    """stages: how many of the last stage maps (plus the pooled feature) are reviewed; warmup_epochs: the ramp."""
+    """stage_maps: at most how many of the last stage maps (plus the pooled feature) are reviewed, 4 as the authors
+    do for VGG and MobileNetV2 students (3, all, for the CIFAR ResNets, WRNs and ShuffleNets); warmup_epochs: the
+    ramp."""
 
-    stages: int = 3
+    stage_maps: int = 4
     warmup_epochs: int = 20
 
     def __post_init__(self) -> None:
-        if self.stages < 1 or self.warmup_epochs < 0:
-            raise UserError("method.params.reviewkd: stages must be >= 1 and warmup_epochs >= 0")
+        if self.stage_maps < 1 or self.warmup_epochs < 0:
+            raise UserError("method.params.reviewkd: stage_maps must be >= 1 and warmup_epochs >= 0")
 
 
 class ABF(nn.Module):
@@ -79,7 +83,7 @@ class ReviewKDTerm(FeatureTerm):
 
     @classmethod
     def stages(cls, params: ReviewKDParams, student_stages: int, teacher_stages: int):
-        count = min(params.stages, student_stages, teacher_stages)
+        count = min(params.stage_maps, student_stages, teacher_stages)
         return (tuple(range(student_stages - count, student_stages)),
                 tuple(range(teacher_stages - count, teacher_stages)))
 
@@ -99,8 +103,7 @@ class ReviewKDTerm(FeatureTerm):
         self.out_sizes = [1] + [shape[-1] for shape in reversed(teacher.stages)]
 
     def ramp(self, info: StepInfo) -> float:
-        warmup = self.params.warmup_epochs
-        return min(1.0, (info.epoch + 1) / warmup) if warmup else 1.0
+        return linear_ramp(info, self.params.warmup_epochs)
 
     def forward(self, student: Features, teacher: Features, batch: Batch, info: StepInfo) -> Tensor:
         levels = [*student.stages, student.pre_logits[:, :, None, None]][::-1]  # deepest first

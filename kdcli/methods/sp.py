@@ -3,7 +3,8 @@
     L_sp = Σ (G(f_T) − G(f_S))² / B²,   G(f) = row-normalize(f fᵀ)      (:func:`kdcli.losses.similarity_preserving`)
 
 f is the map each network pools (``forward_features``, RepDistiller's ``feat[-2]``). RepDistiller's and
-mdistiller's CIFAR setting: weight 3000.
+mdistiller's CIFAR setting: weight 3000. Known difference: for MobileNetV2, ShuffleV2 and the WRNs that map
+includes the head conv (or the final BN-ReLU), where RepDistiller's ``feat[-2]`` is the last block's output.
 """
 
 from __future__ import annotations

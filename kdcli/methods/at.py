@@ -20,7 +20,7 @@ from torch import Tensor
 
 from kdcli import losses
 from kdcli.errors import UserError
-from kdcli.methods.base import Batch, FeatureTerm, MethodParams, StepInfo, register_term
+from kdcli.methods.base import Batch, FeatureTerm, MethodParams, StepInfo, last_stages, register_term
 from kdcli.methods.logit import standalone
 from kdcli.models import Features
 
@@ -48,9 +48,7 @@ class ATTerm(FeatureTerm):
 
     @classmethod
     def stages(cls, params: ATParams, student_stages: int, teacher_stages: int):
-        pairs = min(params.pairs, student_stages, teacher_stages)
-        return (tuple(range(student_stages - pairs, student_stages)),
-                tuple(range(teacher_stages - pairs, teacher_stages)))
+        return last_stages(params.pairs, student_stages, teacher_stages)
 
     def forward(self, student: Features, teacher: Features, batch: Batch, info: StepInfo) -> Tensor:
         return losses.attention_transfer(student.stages, teacher.stages, self.params.p)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -227,6 +227,9 @@ class FeatureTerm(nn.Module, abc.ABC):
     summary: ClassVar[str] = ""
     Params: ClassVar[type[MethodParams]] = MethodParams
     default_weight: ClassVar[float] = 1.0  # the published weight (the standalone method's)
+    # What it reads of both networks by default: their stage maps (see stages), their pooled features
+    # (pre_logits) or the map they pool (feature_map).
+    reads: ClassVar[Literal["stages", "pre_logits", "feature_map"]] = "stages"
 
     def __init__(self, params: MethodParams, ctx: MethodContext, student: FeatureShapes,
                  teacher: FeatureShapes) -> None:
@@ -243,8 +246,11 @@ class FeatureTerm(nn.Module, abc.ABC):
     @classmethod
     def taps(cls, params: MethodParams, student_stages: tuple[int, ...],
              teacher_stages: tuple[int, ...]) -> tuple[Taps, Taps]:
-        """What it reads of the student and of the teacher; by default their stage maps only."""
-        return Taps(logits=False, stages=student_stages), Taps(logits=False, stages=teacher_stages)
+        """What it reads of the student and of the teacher: by default what :attr:`reads` names."""
+        if cls.reads == "stages":
+            return Taps(logits=False, stages=student_stages), Taps(logits=False, stages=teacher_stages)
+        both = Taps(logits=False, **{cls.reads: True})
+        return both, both
 
     def ramp(self, info: StepInfo) -> float:
         """The factor of its weight at this step (1; ReviewKD's warm-up overrides it)."""
@@ -286,6 +292,12 @@ def _as_float(features: Features) -> Features:
         return value.float() if value is not None else None
 
     return Features(*(cast(value) for value in features))
+
+
+def last_stages(count: int, student_stages: int, teacher_stages: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The indices of the last ``count`` stages of each network (at most as many as the shorter one has)."""
+    count = min(count, student_stages, teacher_stages)
+    return tuple(range(student_stages - count, student_stages)), tuple(range(teacher_stages - count, teacher_stages))
 
 
 def linear_ramp(info: StepInfo, warmup_epochs: int) -> float:

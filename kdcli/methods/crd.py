@@ -32,7 +32,7 @@ from kdcli import losses
 from kdcli.errors import UserError
 from kdcli.methods.base import Batch, FeatureTerm, MethodParams, StepInfo, gather_from_ranks, register_term
 from kdcli.methods.logit import standalone
-from kdcli.models import Features, Taps
+from kdcli.models import Features
 
 
 @dataclass
@@ -85,10 +85,7 @@ class CRDTerm(FeatureTerm):
     summary = "contrastive representation distillation (NCE, momentum memory of 16384 negatives)"
     Params = CRDParams
     default_weight = 0.8
-
-    @classmethod
-    def taps(cls, params, student_stages, teacher_stages) -> tuple[Taps, Taps]:
-        return Taps(logits=False, pre_logits=True), Taps(logits=False, pre_logits=True)
+    reads = "pre_logits"
 
     def __init__(self, params: CRDParams, ctx, student, teacher) -> None:
         super().__init__(params, ctx, student, teacher)

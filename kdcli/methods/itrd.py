@@ -20,7 +20,7 @@ from kdcli import losses
 from kdcli.errors import UserError
 from kdcli.methods.base import Batch, FeatureTerm, MethodParams, StepInfo, register_term
 from kdcli.methods.logit import standalone
-from kdcli.models import Features, Taps
+from kdcli.models import Features
 
 
 @dataclass
@@ -44,10 +44,7 @@ class ITRDTerm(FeatureTerm):
     summary = "information-theoretic representation distillation (correlation + mutual information)"
     Params = ITRDParams
     default_weight = 1.0
-
-    @classmethod
-    def taps(cls, params, student_stages, teacher_stages) -> tuple[Taps, Taps]:
-        return Taps(logits=False, pre_logits=True), Taps(logits=False, pre_logits=True)
+    reads = "pre_logits"
 
     def __init__(self, params: ITRDParams, ctx, student, teacher) -> None:
         super().__init__(params, ctx, student, teacher)

@@ -13,7 +13,7 @@ from torch import Tensor
 from kdcli import losses
 from kdcli.methods.base import Batch, FeatureTerm, StepInfo, register_term
 from kdcli.methods.logit import standalone
-from kdcli.models import Features, Taps
+from kdcli.models import Features
 
 
 @register_term
@@ -23,10 +23,7 @@ class PKTTerm(FeatureTerm):
     name = "pkt"
     summary = "probabilistic knowledge transfer on the pooled features"
     default_weight = 30000.0
-
-    @classmethod
-    def taps(cls, params, student_stages, teacher_stages) -> tuple[Taps, Taps]:
-        return Taps(logits=False, pre_logits=True), Taps(logits=False, pre_logits=True)
+    reads = "pre_logits"
 
     def forward(self, student: Features, teacher: Features, batch: Batch, info: StepInfo) -> Tensor:
         return losses.pkt(student.pre_logits, teacher.pre_logits)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from kdcli import losses
 from kdcli.errors import UserError
-from kdcli.methods.base import Batch, FeatureTerm, MethodParams, StepInfo, linear_ramp, register_term
+from kdcli.methods.base import Batch, FeatureTerm, MethodParams, StepInfo, last_stages, linear_ramp, register_term
 from kdcli.methods.logit import standalone
 from kdcli.models import Features, Taps
 
@@ -83,9 +83,7 @@ class ReviewKDTerm(FeatureTerm):
 
     @classmethod
     def stages(cls, params: ReviewKDParams, student_stages: int, teacher_stages: int):
-        count = min(params.stage_maps, student_stages, teacher_stages)
-        return (tuple(range(student_stages - count, student_stages)),
-                tuple(range(teacher_stages - count, teacher_stages)))
+        return last_stages(params.stage_maps, student_stages, teacher_stages)
 
     @classmethod
     def taps(cls, params, student_stages, teacher_stages) -> tuple[Taps, Taps]:

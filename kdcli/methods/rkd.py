@@ -14,7 +14,7 @@ from torch import Tensor
 from kdcli import losses
 from kdcli.methods.base import Batch, FeatureTerm, MethodParams, StepInfo, register_term
 from kdcli.methods.logit import standalone
-from kdcli.models import Features, Taps
+from kdcli.models import Features
 
 
 @dataclass
@@ -33,10 +33,7 @@ class RKDTerm(FeatureTerm):
     summary = "relational KD (25*distance + 50*angle) on the pooled features"
     Params = RKDParams
     default_weight = 1.0
-
-    @classmethod
-    def taps(cls, params, student_stages, teacher_stages) -> tuple[Taps, Taps]:
-        return Taps(logits=False, pre_logits=True), Taps(logits=False, pre_logits=True)
+    reads = "pre_logits"
 
     def forward(self, student: Features, teacher: Features, batch: Batch, info: StepInfo) -> Tensor:
         return losses.rkd(student.pre_logits, teacher.pre_logits, self.params.distance_weight, self.params.angle_weight)

@@ -14,7 +14,7 @@ from torch import Tensor
 from kdcli import losses
 from kdcli.methods.base import Batch, FeatureTerm, StepInfo, register_term
 from kdcli.methods.logit import standalone
-from kdcli.models import Features, Taps
+from kdcli.models import Features
 
 
 @register_term
@@ -24,10 +24,7 @@ class SPTerm(FeatureTerm):
     name = "sp"
     summary = "similarity-preserving loss on the last feature map"
     default_weight = 3000.0
-
-    @classmethod
-    def taps(cls, params, student_stages, teacher_stages) -> tuple[Taps, Taps]:
-        return Taps(logits=False, feature_map=True), Taps(logits=False, feature_map=True)
+    reads = "feature_map"
 
     def forward(self, student: Features, teacher: Features, batch: Batch, info: StepInfo) -> Tensor:
         return losses.similarity_preserving(student.feature_map, teacher.feature_map)

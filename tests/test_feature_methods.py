@@ -164,3 +164,48 @@ def test_feature_terms_run_in_float32_under_a_bf16_student() -> None:
                   torch.arange(8))
     _, terms = engine.step_terms(batch, StepInfo(0, 1, 0, torch.Generator().manual_seed(0)))
     assert terms["pkt"].dtype == torch.float32 and torch.isfinite(terms["pkt"])
+
+
+def test_crd_term_matches_repdistillers_crdloss_step_for_step() -> None:
+    """One forward/backward of RepDistiller's CRDLoss (crd/criterion.py + crd/memory.py, commit b84f547, run on
+    CPU in float64 with its parameters and memories set as below and these contrast indices): loss, both Z,
+    the gradient into the student feature, the heads' gradients and both memories after the update."""
+    from kdcli.methods.base import MethodContext
+    from kdcli.methods.crd import CRDParams, CRDTerm
+    from kdcli.models import Features, FeatureShapes
+
+    f64, n, k = torch.float64, 20, 6
+    ctx = MethodContext(10, 32, torch.device("cpu"), 1, {}, torch.arange(n) % 4)
+    term = CRDTerm(CRDParams(feat_dim=3, nce_k=k), ctx, FeatureShapes(pre_logits=(5,)),
+                   FeatureShapes(pre_logits=(7,))).double()
+    for parameter in term.parameters():  # embed_student weight, bias, embed_teacher weight, bias: RepDistiller's order
+        parameter.data = torch.linspace(-0.6, 0.6, parameter.numel(), dtype=f64).reshape(parameter.shape)
+    grid = torch.linspace(-1, 1, n * 3, dtype=f64).reshape(n, 3)
+    term.memory[0] = torch.nn.functional.normalize(grid.sin() + 0.3, dim=1)  # memory_v1: student embeddings
+    term.memory[1] = torch.nn.functional.normalize(grid.cos() - 0.2, dim=1)  # memory_v2: teacher embeddings
+    contrast = torch.tensor([[0, 1, 2, 3, 4, 6, 7], [5, 6, 7, 8, 9, 11, 12], [10, 11, 12, 13, 14, 16, 17],
+                             [15, 16, 17, 18, 19, 1, 2]])
+
+    class Fixed:  # RepDistiller's dataset hands these indices in; here they replace the method's draw
+        total = n
+
+        def __call__(self, labels, count, generator):
+            return contrast[:, 1:]
+
+    term.sampler = Fixed()
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(4, 5, generator=g, dtype=f64, requires_grad=True)
+    teacher = torch.randn(4, 7, generator=g, dtype=f64)
+    indices = contrast[:, 0]
+    loss = term(Features(pre_logits=student), Features(pre_logits=teacher), Batch(torch.zeros(4, 3, 2, 2), indices % 4,
+                                                                                   indices), StepInfo(0, 1, 0, g))
+    loss.backward()
+    assert loss.item() == pytest.approx(28.473759866939236, rel=1e-12)
+    assert term.log_z.exp().tolist() == pytest.approx([46.940565460378856, 1833384.5859152721], rel=1e-12)
+    assert student.grad[0].tolist() == pytest.approx([-1.0869659975240424, -1.143487949234046, -1.2000099009440495,
+                                                      -1.256531852654053, -1.3130538043640565], rel=1e-12)
+    assert term.embed_student[0].weight.grad.norm().item() == pytest.approx(9.031463446906749, rel=1e-12)
+    assert term.embed_teacher[0].weight.grad.norm().item() == pytest.approx(27.122722632177307, rel=1e-12)
+    assert term.memory[0].sum().item() == pytest.approx(9.219075193850262, rel=1e-12)
+    assert term.memory[1, 5].tolist() == pytest.approx([0.33058840381760424, 0.5492579239040168, 0.7674809706370432],
+                                                      rel=1e-12)

@@ -56,7 +56,7 @@ class Embed(nn.Sequential):
         super().__init__(nn.Linear(dim_in, dim_out))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(super().forward(x.flatten(1).float()), dim=1)
+        return F.normalize(super().forward(x.flatten(1)), dim=1)
 
 
 class OtherClassSampler:

@@ -69,7 +69,7 @@ class FitNetTerm(FeatureTerm):
         self.regressor = hint_regressor(student.stages[0], teacher.stages[0])
 
     def forward(self, student: Features, teacher: Features, batch: Batch, info: StepInfo) -> Tensor:
-        return F.mse_loss(self.regressor(student.stages[0]).float(), teacher.stages[0].detach().float())
+        return F.mse_loss(self.regressor(student.stages[0]), teacher.stages[0].detach())
 
 
 FitNet = standalone(FitNetTerm)

@@ -52,10 +52,10 @@ class ITRDTerm(FeatureTerm):
         self.embed = nn.Linear(student.pre_logits[0], teacher.pre_logits[0])
 
     def forward(self, student: Features, teacher: Features, batch: Batch, info: StepInfo) -> Tensor:
-        params, target = self.params, teacher.pre_logits.detach().float()
-        embedded = self.embed(student.pre_logits.float())
+        params, target = self.params, teacher.pre_logits.detach()
+        embedded = self.embed(student.pre_logits)
         correlation = losses.itrd_correlation(embedded, target, params.alpha)
-        mutual = losses.itrd_mutual_information(student.pre_logits.float() if self.same_width else embedded, target)
+        mutual = losses.itrd_mutual_information(student.pre_logits if self.same_width else embedded, target)
         return params.lambda_corr * correlation + params.lambda_mutual * mutual
 
 

@@ -86,12 +86,16 @@ class TeacherConfig(ModelConfig):
     """The frozen teacher and how it runs: ``precision`` (``auto``: bf16 where the device computes it natively),
     ``fold_bn`` (BatchNorm folded into the preceding convolutions: the same function, fewer kernels),
     ``compile`` (``torch.compile``) and ``cache``: ``auto`` replays outputs written by ``kdcli cache-teacher``
-    when a matching cache exists in the default cache folder, ``off`` never does, a path names one cache."""
+    when a matching cache exists in the default cache folder, ``off`` never does, a path names one cache.
+    ``pretrained`` names published weights, ``torchvision:resnet34.IMAGENET1K_V1`` or ``timm:resnet34.a1_in1k``
+    (see :mod:`kdcli.engine.pretrained`); with a ``checkpoint`` too, the name gives the network and the
+    normalisation, the file the weights."""
 
     precision: Precision = "auto"
     fold_bn: bool = True
     compile: bool = False
     cache: str = "auto"
+    pretrained: str | None = None
 
 
 @dataclass

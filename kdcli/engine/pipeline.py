@@ -38,7 +38,7 @@ from kdcli.engine.checkpoint import load_model
 from kdcli.engine.io import write_csv
 from kdcli.engine.outputs import RUNS_DIR
 from kdcli.engine.runs import read_record
-from kdcli.engine.step import build_method, prepare_teacher
+from kdcli.engine.step import build_method, prepare_teacher, teacher_normalisation
 from kdcli.engine.trainer import RunContext, RunSummary, Trainer
 from kdcli.errors import UserError
 from kdcli.methods import get_method, validate_method_config
@@ -143,6 +143,22 @@ def load_teacher(path: str, arch: str, num_classes: int, smoke: bool, console) -
     return teacher.eval()
 
 
+def load_named_teacher(cfg, num_classes: int, smoke: bool, console, checkpoint: str | None = None) -> nn.Module:
+    """The frozen teacher ``teacher.pretrained`` names (weights from the cache, or ``checkpoint``); in a smoke run
+    without the weights at hand, a random network of that architecture."""
+    from kdcli.engine.pretrained import load_pretrained
+
+    try:
+        teacher = load_pretrained(cfg.pretrained, num_classes, checkpoint)
+    except UserError:
+        if not smoke:
+            raise
+        console.print(f"[yellow]smoke: the weights of {escape(cfg.pretrained)} are not at hand, using a random "
+                      f"{escape(cfg.arch)}[/]")
+        teacher = build_network(cfg.arch, num_classes)
+    return teacher.eval().requires_grad_(False)
+
+
 def run_stage(stage: str, method_name: str, networks: dict[str, str], teacher: nn.Module | None,
               recipe: Recipe, data: DataBundle, ctx: RunContext, only: str | None = None) -> RunSummary:
     """Train ``networks`` (name -> arch) with one method inside ``out_dir/stage``.
@@ -187,6 +203,13 @@ def preflight(command: str, recipe: Recipe, smoke: bool) -> None:
     for arch in archs:
         check_model_name(arch)
     checkpoint = recipe.teacher.checkpoint if recipe.teacher is not None and needs_teacher else None
+    if recipe.teacher is not None and recipe.teacher.pretrained is not None:
+        from kdcli.engine.pretrained import parse_pretrained
+
+        model = parse_pretrained(recipe.teacher.pretrained).model
+        if recipe.teacher.arch != model:
+            raise UserError(f"teacher.arch '{recipe.teacher.arch}' is not the network teacher.pretrained names "
+                            f"('{model}'); set teacher.arch={model}")
     if checkpoint is not None and not smoke and not Path(checkpoint).expanduser().is_file():
         raise UserError(f"teacher.checkpoint {checkpoint} does not exist; fix the path, or --set teacher.checkpoint=null "
                         "to train the teacher first")
@@ -222,7 +245,7 @@ def run_seeds(command: str, recipe: Recipe, ctx: RunContext, smoke: bool, seeds:
 
 def _trains_teacher(recipe: Recipe) -> bool:
     needs = get_method(recipe.method.name).teacher_taps is not None
-    return needs and recipe.teacher is not None and recipe.teacher.checkpoint is None
+    return needs and recipe.teacher is not None and recipe.teacher.checkpoint is None and recipe.teacher.pretrained is None
 
 
 def distill(recipe: Recipe, ctx: RunContext, smoke: bool, teacher_checkpoint: str | None = None) -> list[RunSummary]:
@@ -237,10 +260,14 @@ def distill(recipe: Recipe, ctx: RunContext, smoke: bool, teacher_checkpoint: st
             raise UserError(f"method '{recipe.method.name}' needs a teacher; "
                             "add teacher.arch (and teacher.checkpoint) to the recipe")
         path = teacher_checkpoint or recipe.teacher.checkpoint
-        if path is None:
-            summaries += train_teacher(recipe, ctx, smoke)
-            path = str(ctx.out_dir / TEACHER_CHECKPOINT)
-        teacher = load_teacher(path, recipe.teacher.arch, data.num_classes, smoke, ctx.console).to(ctx.device)
+        if recipe.teacher.pretrained is not None and teacher_checkpoint is None:
+            teacher = load_named_teacher(recipe.teacher, data.num_classes, smoke, ctx.console, path)
+        else:
+            if path is None:
+                summaries += train_teacher(recipe, ctx, smoke)
+                path = str(ctx.out_dir / TEACHER_CHECKPOINT)
+            teacher = load_teacher(path, recipe.teacher.arch, data.num_classes, smoke, ctx.console)
+        teacher = teacher.to(ctx.device)
     student_arch = recipe.student.arch if recipe.student is not None else None
     networks = method_cls.networks_for(parse_params(method_cls, recipe.method.params), student_arch)
     if recipe.train.baseline:
@@ -258,6 +285,8 @@ def teacher_cache(recipe: Recipe, teacher: nn.Module, data: DataBundle, ctx: Run
     setting = recipe.teacher.cache
     if setting == "off" or method.teacher_taps is None or ctx.max_steps is not None:  # --smoke: generated data
         return None
+    if teacher_normalisation(teacher, data.mean, data.std) is not None:
+        return None  # a cache holds outputs on the data's normalisation, which this teacher does not see
     if not isinstance(data.train, TensorSplit):
         if setting != "auto":
             raise UserError(f"teacher.cache={setting}: teacher caches serve in-memory datasets (cifar10, cifar100, "

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +104,8 @@ class TeacherSeam:
     """
 
     def __init__(self, teacher: nn.Module, taps: Taps, precision: str, cfg: TeacherConfig | None = None,
-                 channels_last: bool = False, image_size: int = 32, cache: CachedTeacher | None = None) -> None:
+                 channels_last: bool = False, image_size: int = 32, cache: CachedTeacher | None = None,
+                 renormalise: tuple[Tensor, Tensor] | None = None) -> None:
         cfg = cfg or TeacherConfig(fold_bn=False)
         self.network, self.folded = prepare_teacher(teacher, cfg, channels_last, image_size)
         self.taps, self.precision = taps, precision
@@ -112,6 +113,7 @@ class TeacherSeam:
         if cache is not None and not serves(list(cache.outputs), taps):
             raise ValueError(f"a cache of {', '.join(cache.outputs)} cannot serve the teacher taps {taps}")
         self.cache = cache
+        self.renormalise = renormalise  # (scale, shift): the data's normalisation -> the teacher's own
         self.notes: list[str] = []  # lines for the log, taken by the trainer
         self._bypass_said = False
 
@@ -123,8 +125,12 @@ class TeacherSeam:
                 self._bypass_said = True
                 self.notes.append("the teacher sees images that are no cached view (mixed by the method, or not "
                                   "from the in-memory loader): it runs live for them, the cache is bypassed")
+        images = batch.images
+        if self.renormalise is not None:
+            scale, shift = self.renormalise
+            images = images * scale.to(images.device) + shift.to(images.device)
         with torch.inference_mode(), autocast(batch.images.device, self.precision):
-            out = forward_taps(self.network, batch.images, self.taps)
+            out = forward_taps(self.network, images, self.taps)
         # Outside inference mode a clone is an ordinary tensor, which autograd may save for backward
         # (a loss such as an MSE to a teacher map saves its target).
         return Features(*(_clone(value) for value in out))
@@ -132,9 +138,24 @@ class TeacherSeam:
     def describe(self) -> str:
         """One line for the log: how the teacher runs."""
         parts = [self.precision, "channels-last" if self.channels_last else "contiguous",
-                 f"{self.folded} BatchNorms folded", *(["compiled"] if self.compiled else [])]
+                 f"{self.folded} BatchNorms folded", *(["compiled"] if self.compiled else []),
+                 *(["input re-normalised to its own mean/std"] if self.renormalise is not None else [])]
         cached = f"; outputs replayed from the cache {self.cache.folder or 'in memory'}" if self.cache is not None else ""
         return ", ".join(parts) + cached
+
+
+def teacher_normalisation(teacher: nn.Module, mean: Sequence[float], std: Sequence[float]) -> tuple[Tensor, Tensor] | None:
+    """(scale, shift) taking images normalised with the data's ``mean``/``std`` to the normalisation the teacher's
+    weights were trained with (``kdcli_meta``: a checkpoint's sidecar, a pretrained name's), ``x·s_d/s_t +
+    (m_d − m_t)/s_t``, as timm's distillation task does; None when they agree or the teacher does not say."""
+    meta = getattr(teacher, "kdcli_meta", None) or {}
+    if "mean" not in meta or "std" not in meta:
+        return None
+    data_mean, data_std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    own_mean, own_std = torch.tensor(meta["mean"]).view(1, 3, 1, 1), torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    if torch.allclose(data_mean, own_mean) and torch.allclose(data_std, own_std):
+        return None
+    return data_std / own_std, (data_mean - own_mean) / own_std
 
 
 def prepare_teacher(teacher: nn.Module, cfg: TeacherConfig, channels_last: bool,
@@ -176,7 +197,8 @@ class Engine:
     """The step seams of one method in one run (see the module docstring); owns optimisers and schedulers."""
 
     def __init__(self, method: Method, teacher: nn.Module | None, recipe: Recipe, epochs: int,
-                 dist: DistEnv | None = None, cache: CachedTeacher | None = None) -> None:
+                 dist: DistEnv | None = None, cache: CachedTeacher | None = None,
+                 input_norm: tuple[Sequence[float], Sequence[float]] | None = None) -> None:
         device = method.ctx.device
         self.method = method
         self.precision = resolve_precision(recipe.train.precision, device)
@@ -189,7 +211,8 @@ class Engine:
             teacher_cfg = recipe.teacher or TeacherConfig()
             self.teacher_seam = TeacherSeam(teacher, method.teacher_taps,
                                             resolve_precision(teacher_cfg.precision, device), teacher_cfg,
-                                            recipe.train.channels_last, method.ctx.image_size, cache)
+                                            recipe.train.channels_last, method.ctx.image_size, cache,
+                                            teacher_normalisation(teacher, *input_norm) if input_norm else None)
         if recipe.train.compile:
             for network in method.networks.values():
                 compile_taps(network)

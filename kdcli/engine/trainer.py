@@ -116,7 +116,7 @@ class Trainer:
     def __init__(self, method: Method, teacher: nn.Module | None, data: DataBundle, recipe: Recipe, ctx: RunContext,
                  stage: str, cache: CachedTeacher | None = None) -> None:
         self.method, self.data, self.recipe, self.ctx, self.stage = method, data, recipe, ctx, stage
-        self.engine = Engine(method, teacher, recipe, recipe.train.epochs, ctx.dist, cache)
+        self.engine = Engine(method, teacher, recipe, recipe.train.epochs, ctx.dist, cache, (data.mean, data.std))
         self.dir = ctx.out_dir
         self.ckpt_dir = ctx.out_dir / "checkpoints"
         train = recipe.train

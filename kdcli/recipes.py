@@ -113,7 +113,8 @@ class MethodConfig:
 @dataclass
 class OptimConfig:
     """The optimiser: SGD (momentum, nesterov), Adam (coupled L2 weight decay) or AdamW (decoupled); betas for
-    the Adam family."""
+    the Adam family. ``scale_lr``: under torchrun, multiply every learning rate by the number of ranks (the
+    global batch is ranks x ``train.batch_size``; the linear scaling rule)."""
 
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 0.05
@@ -121,6 +122,7 @@ class OptimConfig:
     weight_decay: float = 5e-4
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    scale_lr: bool = False
 
 
 @dataclass
@@ -181,17 +183,32 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        """Short, stable hash of the resolved recipe (provenance column in results.csv), leaving out the keys
-        that cannot change a result (:data:`OPERATIONAL`)."""
-        tree = self.to_dict()
-        for key in OPERATIONAL:
-            section, name = key.split(".")
-            tree[section].pop(name)
-        text = json.dumps(tree, sort_keys=True, default=str)
+        """Short, stable hash of the resolved recipe (provenance column in results.csv): of :func:`comparable`, so
+        neither the keys that cannot change a result nor keys a newer kdcli adds at their defaults change it."""
+        text = json.dumps(comparable(self.to_dict()), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def comparable(tree: dict[str, Any]) -> dict[str, Any]:
+    """A recipe tree as runs are hashed and compared: without its :data:`OPERATIONAL` keys and without the keys at
+    their default value (so a recipe written before a key existed compares equal to one that spells it out)."""
+    defaults = Recipe().to_dict() | {"teacher": dataclasses.asdict(TeacherConfig()),
+                                     "student": dataclasses.asdict(ModelConfig())}
+    for key in OPERATIONAL:
+        section, name = key.split(".")
+        defaults[section].pop(name)
+    kept = {}
+    for section, value in tree.items():
+        default = defaults.get(section)
+        if isinstance(value, dict) and isinstance(default, dict):
+            value = {k: v for k, v in value.items() if k in default and v != default[k] or k not in default
+                     and f"{section}.{k}" not in OPERATIONAL}
+        if value != default:
+            kept[section] = value
+    return kept
 
 
 def recipes_dir() -> Path:

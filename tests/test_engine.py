@@ -165,3 +165,40 @@ def test_eval_every_evaluates_every_nth_and_the_last_epoch(tiny_recipe, tmp_path
     history = pd.read_csv(tmp_path / "teacher/history.csv")
     assert history["val_top1"].isna().tolist() == [True, False, False]  # epochs 2 (every 2nd) and 3 (the last)
     assert summaries[0].results[0].best_epoch in (2, 3)
+
+
+def test_scale_lr_multiplies_every_learning_rate_by_the_ranks() -> None:
+    """The linear scaling rule: each rank takes train.batch_size samples, so the global batch is world times it."""
+    from kdcli.engine.optim import build_optimizers
+    from kdcli.methods.base import ParamGroup
+    from kdcli.recipes import OptimConfig
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    groups = [ParamGroup("main", [weight]), ParamGroup("adam", [torch.nn.Parameter(torch.zeros(2))],
+                                                       OptimConfig(name="adam", lr=1e-3))]
+    schedule = ScheduleConfig(name="constant")
+    scaled, _ = build_optimizers(groups, OptimConfig(lr=0.1, scale_lr=True), schedule, 10, world=4)
+    plain, _ = build_optimizers(groups, OptimConfig(lr=0.1), schedule, 10, world=4)
+    assert scaled["main"].param_groups[0]["lr"] == pytest.approx(0.4)
+    assert scaled["adam"].param_groups[0]["lr"] == pytest.approx(4e-3)
+    assert plain["main"].param_groups[0]["lr"] == 0.1 and plain["adam"].param_groups[0]["lr"] == 1e-3
+
+
+def test_a_run_recorded_before_new_recipe_keys_existed_still_resumes(tiny_recipe, tmp_path) -> None:
+    """A key a newer kdcli adds at its default neither blocks --resume nor changes the config hash."""
+    import yaml
+
+    from kdcli.engine.runs import RECIPE_FILE, RunRecord, check_resume
+
+    recipe = resolve_recipe(str(tiny_recipe(method="ce", epochs=1)))
+    RunRecord("train-teacher", [0], False).write(tmp_path, recipe)
+    old = yaml.safe_load((tmp_path / RECIPE_FILE).read_text())
+    del old["optim"]["scale_lr"], old["teacher"]["pretrained"], old["train"]["save_every_steps"]
+    (tmp_path / RECIPE_FILE).write_text(yaml.safe_dump(old))
+    assert check_resume(tmp_path, recipe, "train-teacher", None).seeds == [0]
+    changed = resolve_recipe(str(tiny_recipe(method="ce", epochs=1)), ["optim.scale_lr=true"])
+    with pytest.raises(UserError, match="at 'optim.scale_lr'"):
+        check_resume(tmp_path, changed, "train-teacher", None)
+    assert changed.config_hash() != recipe.config_hash()
+    assert resolve_recipe(str(tiny_recipe(method="ce", epochs=1)), ["optim.scale_lr=false"]).config_hash() == \
+        recipe.config_hash()

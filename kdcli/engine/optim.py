@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -47,14 +48,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
 
 
 def build_optimizers(groups: list[ParamGroup], optim: OptimConfig, schedule: ScheduleConfig,
-                     epochs: int) -> tuple[Optimizers, Schedulers]:
-    """One optimiser and schedule per non-empty group; a group without settings takes the recipe's."""
+                     epochs: int, world: int = 1) -> tuple[Optimizers, Schedulers]:
+    """One optimiser and schedule per non-empty group; a group without settings takes the recipe's.
+
+    With ``optim.scale_lr`` every group's learning rate is multiplied by ``world``: each of the ``world`` ranks
+    takes ``train.batch_size`` samples a step, so the global batch is ``world`` times the recipe's (the linear
+    scaling rule of Goyal et al. 2017).
+    """
+    scale = world if optim.scale_lr else 1
     optimizers: Optimizers = {}
     schedulers: Schedulers = {}
     for group in groups:
         params = [p for p in group.params if p.requires_grad]
         if not params:
             continue
-        optimizers[group.name] = build_optimizer(params, group.optim or optim)
+        cfg = group.optim or optim
+        optimizers[group.name] = build_optimizer(params, dataclasses.replace(cfg, lr=cfg.lr * scale))
         schedulers[group.name] = build_scheduler(optimizers[group.name], group.schedule or schedule, epochs)
     return optimizers, schedulers

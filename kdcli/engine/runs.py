@@ -17,7 +17,7 @@ from typing import Any
 
 from kdcli.engine.io import atomic_write, write_json
 from kdcli.errors import UserError
-from kdcli.recipes import OPERATIONAL, Recipe, read_yaml
+from kdcli.recipes import Recipe, comparable, read_yaml
 
 RECIPE_FILE = "recipe.yaml"
 RUN_FILE = "run.json"
@@ -55,7 +55,7 @@ def check_resume(out: Path, recipe: Recipe, command: str, seeds: list[int] | Non
         raise UserError(f"--resume: {out} has no {RECIPE_FILE}, so it is not a kdcli run directory; pass the --out "
                         "of the run to continue")
     own = read_yaml(path.read_text())
-    key = first_difference(_results_only(own), _results_only(recipe.to_dict()))
+    key = first_difference(comparable(own), comparable(recipe.to_dict()))
     if key is not None and key not in GROWABLE:
         raise UserError(f"--resume: the recipe differs from the one {out} was started with at '{key}' (run: "
                         f"{_lookup(own, key)!r}, now: {_lookup(recipe.to_dict(), key)!r}); resume with the same recipe "
@@ -73,16 +73,6 @@ def check_resume(out: Path, recipe: Recipe, command: str, seeds: list[int] | Non
                         "with the same --seeds, or without --seeds")
     grows = recipe.train.epochs > before
     return Resumption(run_seeds, finished=(out / "results.csv").is_file() and not grows, grows=grows)
-
-
-def _results_only(tree: dict[str, Any]) -> dict[str, Any]:
-    """The recipe without its operational keys (a run written before they existed lacks them)."""
-    tree = {section: dict(value) if isinstance(value, dict) else value for section, value in tree.items()}
-    for key in OPERATIONAL:
-        section, name = key.split(".")
-        if isinstance(tree.get(section), dict):
-            tree[section].pop(name, None)
-    return tree
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:

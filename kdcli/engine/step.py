@@ -219,7 +219,7 @@ class Engine:
         self.passes = wrap(_Passes(method), dist or DistEnv(),
                            find_unused_parameters=not method.every_pass_uses_all_parameters)
         self.optimizers, self.schedulers = build_optimizers(method.param_groups(), recipe.optim, recipe.schedule,
-                                                            epochs)
+                                                            epochs, (dist or DistEnv()).world)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
 

@@ -128,7 +128,7 @@ def _context(recipe, out: Optional[Path], device: str, seeds: list[int], seeds_g
     from kdcli.engine.distributed import barrier, from_rank_zero, init_distributed, local_device
     from kdcli.engine.outputs import Output, claim
     from kdcli.engine.pipeline import SMOKE_STEPS, resolve_device
-    from kdcli.engine.runs import Resumption, RunRecord, check_resume, read_record
+    from kdcli.engine.runs import Resumption, RunRecord, check_resume
     from kdcli.engine.trainer import RunContext
 
     requested = resolve_device(device)
@@ -138,9 +138,8 @@ def _context(recipe, out: Optional[Path], device: str, seeds: list[int], seeds_g
         raise UserError(f"--resume: {out} does not exist; pass the --out directory of the interrupted run")
     plan = (check_resume(output.final, recipe, command, seeds if seeds_given else None) if resume
             else Resumption(seeds, finished=False, grows=False))
-    record = read_record(output.final) if resume else None
-    if record is not None and record.replaces:  # an interrupted --overwrite: it still replaces its target
-        output = Output(Path(record.replaces), command, staging=output.final)
+    if plan.replaces:  # an interrupted --overwrite: it still replaces its target
+        output = Output(Path(plan.replaces), command, staging=output.final)
     barrier()  # every rank has checked --out before rank 0 writes into it
     if dist.is_main and (plan.grows or not resume):
         replaces = str(output.final.resolve()) if output.staging is not None else None

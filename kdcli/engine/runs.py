@@ -43,6 +43,7 @@ class Resumption:
     seeds: list[int]
     finished: bool  # the run completed and the recipe asks for no more epochs
     grows: bool  # train.epochs grew, so the record is rewritten
+    replaces: str | None = None  # an interrupted --overwrite: the directory it still takes the place of
 
 
 def check_resume(out: Path, recipe: Recipe, command: str, seeds: list[int] | None) -> Resumption:
@@ -72,7 +73,8 @@ def check_resume(out: Path, recipe: Recipe, command: str, seeds: list[int] | Non
         raise UserError(f"--resume: {out} was started with --seeds {','.join(map(str, record.seeds))}; resume it "
                         "with the same --seeds, or without --seeds")
     grows = recipe.train.epochs > before
-    return Resumption(run_seeds, finished=(out / "results.csv").is_file() and not grows, grows=grows)
+    return Resumption(run_seeds, finished=(out / "results.csv").is_file() and not grows, grows=grows,
+                      replaces=record.replaces if record is not None else None)
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:

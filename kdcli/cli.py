@@ -589,6 +589,43 @@ def bench_step(
         _say(f"results: {results_file}")
 
 
+@bench_app.command("data")
+@friendly
+def bench_data(
+        recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt, device: str = DeviceOpt,
+        workers: Optional[int] = typer.Option(None, help="DataLoader workers of both loaders (default: the recipe's "
+                                              "data.num_workers, resolved)."),
+        batches: int = typer.Option(20, help="Batches per timed round."),
+        warmup: int = typer.Option(5, help="Untimed batches per loader first (after its workers start)."),
+        repeats: int = typer.Option(3, help="Timed rounds; the loaders take turns."),
+        results_file: Optional[Path] = typer.Option(None, "--results-file", help="Also write the table to this CSV."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --results-file."),
+        seed: int = SeedOpt) -> None:
+    """A recipe's training loader alone: kdcli's vs torchvision's standard DataLoader on the same files, images/s."""
+    from kdcli.bench.data import bench_data as run_bench
+    from kdcli.data import build_data
+    from kdcli.data.folder import resolve_workers
+    from kdcli.engine.io import write_csv
+    from kdcli.engine.pipeline import resolve_device
+
+    resolved = _load(recipe, set_, False)
+    _refuse_existing_file(results_file, overwrite, "--results-file")
+    if min(batches, repeats) < 1 or warmup < 0 or (workers is not None and workers < 0):
+        raise UserError("bench data: --batches and --repeats must be >= 1, --warmup and --workers >= 0")
+    target = resolve_device(device)
+    count = resolve_workers(resolved.data.num_workers) if workers is None else workers
+    frame = run_bench(resolved, build_data(resolved.data), target, workers=count, batches=batches, warmup=warmup,
+                      repeats=repeats, seed=seed)
+    _print_frame(frame.drop(columns=["dataset"]), f"{resolved.name}: {resolved.data.dataset} train loader, batch "
+                 f"{resolved.train.batch_size}, {count} workers, {target}")
+    kdcli_row = frame.iloc[1]
+    _say(f"kdcli: {kdcli_row.images_per_sec:.0f} img/s = {kdcli_row.ratio:.2f}x torchvision's loader "
+         f"({frame.images_per_sec.iloc[0]:.0f} img/s)")
+    if results_file is not None:
+        write_csv(results_file, frame)
+        _say(f"results: {results_file}")
+
+
 # -- list / bench ---------------------------------------------------------------------------------
 def _print_frame(frame: pd.DataFrame | list[dict], title: str) -> None:
     """A table of a DataFrame, or of a list of row dicts (no pandas needed)."""

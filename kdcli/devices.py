@@ -1,4 +1,5 @@
-"""Device helpers shared by the engine, the benchmarks and the measurements: precision and timing.
+"""Device helpers shared by the engine, the data layer, the benchmarks and the measurements: precision, timing and
+the CPUs at hand.
 
 A leaf module (it imports only torch), so any layer may use it.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,11 @@ T = TypeVar("T")
 
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, e.g. under a batch scheduler)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -48,15 +48,21 @@ def read_yaml(text: str) -> Any:
 class DataConfig:
     """The recipe's ``data`` section: dataset, splits and augmentation (:func:`kdcli.data.build_data` takes it).
 
-    ``root`` is the torchvision root for CIFAR and, for ``imagefolder``, a tree with ``train/`` and ``val/``
-    (or ``test/``) class folders. ``val_fraction`` carves a stratified, ``data_seed``-seeded validation split
-    out of train; test is never touched. ``crop_padding`` is the zero padding of the random crop for in-memory
-    datasets (0 disables the crop); for ``imagefolder`` any value > 0 enables RandomResizedCrop instead.
-    ``num_classes``/``train_size``/``test_size`` apply to ``synthetic`` only, ``image_size``/``num_workers``
-    to ``imagefolder`` only (CIFAR and synthetic are 32x32).
+    ``root`` is the torchvision root for CIFAR and STL-10; for ``imagefolder`` a folder with ``train/`` and
+    ``val/`` (or ``test/``) class folders (Tiny-ImageNet's ``val/`` is read through its annotations file), for
+    ``webdataset`` one with ``train/*.tar`` and ``val/*.tar`` shards (and an optional ``classes.txt``);
+    ``imagenet`` and ``tiny-imagenet`` are either.
+    ``val_fraction`` carves a stratified, ``data_seed``-seeded validation split out of train; test is never
+    touched. ``crop_padding`` is the zero padding of the random crop for in-memory datasets (0 disables the
+    crop); for decoded datasets (``imagefolder``, ``webdataset``) any value > 0 enables RandomResizedCrop
+    instead, and evaluation resizes the shorter side to ``image_size / crop_fraction`` and centre-crops.
+    ``num_classes``/``train_size``/``test_size`` apply to ``synthetic`` only; ``image_size`` to decoded
+    datasets and STL-10 (resized from 96 px; CIFAR and synthetic are 32x32); ``num_workers`` (a count, or
+    ``auto``: from the CPUs and the ranks per node) to decoded datasets.
     """
 
-    dataset: Literal["synthetic", "cifar10", "cifar100", "imagefolder"] = "synthetic"
+    dataset: Literal["synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "webdataset", "imagenet",
+                     "tiny-imagenet"] = "synthetic"
     root: str = "~/.cache/kdcli/data"
     download: bool = False
     val_fraction: float = 0.0
@@ -67,7 +73,8 @@ class DataConfig:
     train_size: int = 10000
     test_size: int = 2000
     data_seed: int = 0
-    num_workers: int = 2
+    num_workers: int | Literal["auto"] = "auto"
+    crop_fraction: float = 0.875
 
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -160,7 +167,7 @@ class TrainConfig:
 
 # Keys that change how a run is carried out but not one number it computes: left out of the config hash, and
 # free to differ when a run is resumed.
-OPERATIONAL = ("train.save_every_steps", "train.save_every_minutes")
+OPERATIONAL = ("train.save_every_steps", "train.save_every_minutes", "data.num_workers")
 
 
 @dataclass
@@ -410,8 +417,17 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key, source)
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(options[0], value, key, source)
+        for option in options:  # e.g. int | Literal["auto"]
+            try:
+                return _coerce(option, value, key, source)
+            except UserError:
+                continue
+        allowed = " or ".join(f"one of {', '.join(map(str, typing.get_args(o)))}" if typing.get_origin(o) is Literal
+                              else o.__name__ for o in options)
+        raise UserError(f"recipe {source}: '{key}' must be {allowed}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise UserError(f"recipe {source}: '{key}' must be one of {', '.join(map(str, args))}, got {value!r}")

@@ -20,7 +20,7 @@ from kdcli.data import (
     smoke_data,
     synthetic,
 )
-from kdcli.data import cifar as cifar_module
+from kdcli.data import torchvision_sets
 from kdcli.data.loader import epoch_order
 from kdcli.data.splits import channel_stats, stratified_split
 from kdcli.data.synthetic import synthetic_split
@@ -188,7 +188,7 @@ def test_failed_download_is_one_line_user_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise URLError("[Errno -3] Temporary failure in name resolution\nsecond line")
 
-    monkeypatch.setattr(cifar_module, "download_and_extract_archive", offline)
+    monkeypatch.setattr(torchvision_sets, "download_and_extract_archive", offline)
     with pytest.raises(UserError) as error:
         build_data(DataConfig("cifar10", root=str(tmp_path), download=True))
     assert "\n" not in str(error.value)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdcli.bench.timing import median_ms
+from kdcli.bench.timing import PILImages, median_ms
 from kdcli.data import TensorSplit, ViewGrid, make_loader, smoke_data
 from kdcli.data.registry import DATASETS
 from kdcli.devices import resolve_precision, synchronize
@@ -98,7 +98,7 @@ def bench_step(recipe: Recipe, variants: list[str], device: torch.device, *, war
     if recipe.teacher is None or recipe.student is None:
         raise UserError(f"bench step: recipe '{recipe.name}' needs teacher.arch and student.arch")
     classes, batch = dataset_classes(recipe), recipe.train.batch_size
-    size = recipe.data.image_size if recipe.data.dataset == "imagefolder" else 32
+    size = recipe.data.image_size
     data = smoke_data(classes, size, n_train=batch * BATCHES, seed=seed).train
     data = dataclasses.replace(data, crop_padding=recipe.data.crop_padding, hflip=recipe.data.hflip)
     configs = [_reference(recipe, data, classes, device, workers, seed)]
@@ -163,22 +163,6 @@ def _train_images(recipe: Recipe) -> int | None:
 
 
 # -- the reference loop ---------------------------------------------------------------------------------
-class _PILImages(torch.utils.data.Dataset):
-    """The uint8 images as PIL images through a torchvision transform, as torchvision's CIFAR dataset does."""
-
-    def __init__(self, split: TensorSplit, transform: Callable) -> None:
-        self.images = split.images.permute(0, 2, 3, 1).numpy()  # HWC, as CIFAR's files
-        self.labels, self.transform = split.labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
-
-
 def _reference(recipe: Recipe, data: TensorSplit, classes: int, device: torch.device, workers: int,
                seed: int) -> Config:
     from torchvision import transforms
@@ -186,7 +170,7 @@ def _reference(recipe: Recipe, data: TensorSplit, classes: int, device: torch.de
     transform = transforms.Compose([
         transforms.RandomCrop(data.image_size, padding=data.crop_padding), transforms.RandomHorizontalFlip(),
         transforms.ToTensor(), transforms.Normalize(data.mean, data.std)])
-    images = _PILImages(data, transform)
+    images = PILImages(data, transform)
     # One endless shuffled stream: no epoch boundary (a new iterator restarts the workers' prefetch) lands in
     # a timed block.
     sampler = torch.utils.data.RandomSampler(images, replacement=True, num_samples=2**40,
@@ -216,7 +200,7 @@ def _reference(recipe: Recipe, data: TensorSplit, classes: int, device: torch.de
         loss.backward()
         sgd.step()
 
-    fixed = next(iter(torch.utils.data.DataLoader(_PILImages(data, transform), batch_size=recipe.train.batch_size)))
+    fixed = next(iter(torch.utils.data.DataLoader(PILImages(data, transform), batch_size=recipe.train.batch_size)))
     fixed_images = fixed[0].to(device)
 
     def teacher_part() -> None:

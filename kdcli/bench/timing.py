@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks."""
+"""Helpers shared by the benchmarks: timing, and the reference loops' PIL dataset."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from torch import Tensor
 
+from kdcli.data import TensorSplit
 from kdcli.devices import timed
 
 
@@ -33,3 +35,20 @@ def intra_op_threads(num_threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+class PILImages(torch.utils.data.Dataset):
+    """An in-memory split's uint8 images as PIL images through a torchvision transform, as torchvision's CIFAR
+    dataset serves them (the reference loops' input)."""
+
+    def __init__(self, split: TensorSplit, transform: Callable) -> None:
+        self.images = split.images.permute(0, 2, 3, 1).numpy()  # HWC, as CIFAR's files
+        self.labels, self.transform = split.labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]

@@ -2,7 +2,9 @@
 
 * ``synthetic``: procedurally rendered 32x32 classes (:mod:`kdcli.data.synthetic`), generated in memory.
 * ``cifar10`` / ``cifar100``: torchvision's files, converted once to uint8 tensors.
-* ``imagefolder``: ``root/train`` and ``root/val`` (or ``root/test``) trees, read by DataLoader workers.
+* ``stl10``: torchvision's binary files, resized once to ``image_size``.
+* ``imagefolder`` / ``webdataset`` / ``imagenet`` / ``tiny-imagenet``: ``root/train`` and ``root/val`` (or
+  ``root/test``) class folders or tar shards, decoded by persistent DataLoader workers.
 
 Usage::
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from kdcli.data.cifar import CIFAR, load_cifar
-from kdcli.data.folder import load_imagefolder
+from kdcli.data.folder import load_decoded
 from kdcli.data.registry import DATASETS
 from kdcli.data.spec import DataBundle
 from kdcli.data.splits import TensorSplit, channel_stats, stratified_split
 from kdcli.data.synthetic import synthetic_split
+from kdcli.data.torchvision_sets import TORCHVISION_SETS, load_torchvision_set
 from kdcli.errors import UserError
 from kdcli.recipes import DataConfig
 
@@ -21,12 +21,14 @@ def build_data(spec: DataConfig) -> DataBundle:
     if spec.dataset == "synthetic":
         bundle = _synthetic_bundle(spec.num_classes, 32, spec.train_size, spec.test_size, spec.data_seed,
                                    spec.crop_padding, spec.hflip)
-    elif spec.dataset in CIFAR:
-        train, test, names = load_cifar(spec.dataset, spec.root, spec.download, spec.crop_padding, spec.hflip)
-        bundle = DataBundle(train, None, test, len(names), train.mean, train.std, 32, names)
-    else:
-        train, test, names = load_imagefolder(spec.root, spec.image_size, spec.crop_padding, spec.hflip,
-                                              spec.num_workers)
+    elif spec.dataset in TORCHVISION_SETS:
+        train, test, names = load_torchvision_set(spec.dataset, spec.root, spec.download, spec.image_size,
+                                                  spec.crop_padding, spec.hflip)
+        bundle = DataBundle(train, None, test, len(names), train.mean, train.std, train.image_size, names)
+    else:  # decoded from files
+        train, test, names = load_decoded(spec.dataset, spec.root, image_size=spec.image_size,
+                                          crop_padding=spec.crop_padding, hflip=spec.hflip,
+                                          crop_fraction=spec.crop_fraction, num_workers=spec.num_workers)
         bundle = DataBundle(train, None, test, len(names), train.mean, train.std, spec.image_size, names)
     return _carve_validation(bundle, spec.val_fraction, spec.data_seed)
 

@@ -2,8 +2,8 @@
 
 In-memory splits never go through a DataLoader: the uint8 tensor lives on the device, a batch is an
 index gather, and random crop (zero padding in pixel space, as torchvision's ``RandomCrop(padding=p)``)
-plus horizontal flip is one fused gather on the device. ImageFolder splits use a DataLoader whose
-workers return uint8 crops. Both paths end in the same on-device ``(x / 255 - mean) / std``.
+plus horizontal flip is one fused gather on the device. Decoded splits (ImageFolder trees, WebDataset shards)
+use one DataLoader per loader whose persistent workers return uint8 crops into pinned memory. Both paths end in the same on-device ``(x / 255 - mean) / std``.
 
 Reproducibility: the epoch permutation comes from a generator seeded by (seed, epoch) and the
 augmentation draws from one seeded by (seed, epoch, rank), all on the CPU, so a run resumed at an epoch
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from kdcli.data.folder import EpochView, FolderSplit
+from kdcli.data.folder import DecodedImages, FolderSplit
 from kdcli.data.seeding import derive_seed, generator
 from kdcli.data.splits import TensorSplit
 
@@ -72,7 +72,8 @@ class ViewGrid:
 def normalise(images: Tensor, mean: Tensor, std: Tensor, memory_format: torch.memory_format) -> Tensor:
     """uint8 ``(B, 3, H, W)`` -> float32 ``(x / 255 - mean) / std`` in ``memory_format`` (the one normalisation
     of every training, evaluation and cached teacher input)."""
-    return images.float().div_(255).sub_(mean).div_(std).contiguous(memory_format=memory_format)
+    converted = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=memory_format)
+    return converted.copy_(images).div_(255).sub_(mean).div_(std)  # one float copy, straight into the layout
 
 
 def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int, shard: tuple[int, int] = (0, 1)) -> Tensor:
@@ -120,6 +121,8 @@ class BatchLoader:
         self.mean = torch.tensor(split.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(split.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.epoch, self.start = 0, 0
+        self._keys = _BatchKeys()
+        self._decoder: DataLoader | None = None  # built on first use, its workers kept for every epoch
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch whose order and augmentation the next iteration reproduces, from its batch ``start``
@@ -172,12 +175,30 @@ class BatchLoader:
                         augment_seed: int) -> Iterator[LoadedBatch]:
         on_gpu = self.device.type == "cuda"
         batches = batches[self.start:]  # each sample's crop is seeded by its position: nothing to replay
-        loader = DataLoader(EpochView(split, augment_seed if self.train else None),
-                            batch_sampler=[index.tolist() for index in batches], num_workers=split.num_workers,
-                            pin_memory=on_gpu, generator=torch.Generator().manual_seed(augment_seed))
-        for index, (images, labels) in zip(batches, loader, strict=True):
+        seed = augment_seed if self.train else None
+        self._keys.batches = [[(position, seed) for position in index.tolist()] for index in batches]
+        if self._decoder is None:
+            self._decoder = DataLoader(DecodedImages(split), batch_sampler=self._keys, num_workers=split.num_workers,
+                                       pin_memory=on_gpu, persistent_workers=split.num_workers > 0,
+                                       generator=torch.Generator().manual_seed(self.seed))  # not the global RNG
+        for index, (images, labels) in zip(batches, self._decoder, strict=True):
+            images = images.permute(0, 3, 1, 2)  # (B, S, S, 3) -> (B, 3, S, S) with channels-last strides
             yield LoadedBatch(images.to(self.device, non_blocking=on_gpu), labels.to(self.device, non_blocking=on_gpu),
                               index.to(self.device))
+
+
+class _BatchKeys:
+    """The batch sampler of a decoded split's DataLoader: the ``(position, augment seed)`` keys of the batches
+    the current epoch still has to load (set by :class:`BatchLoader` before each pass)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int | None]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int | None]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def make_loader(split: TensorSplit | FolderSplit, batch_size: int, *, train: bool, device: torch.device, seed: int,

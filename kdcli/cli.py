@@ -374,6 +374,32 @@ def _refuse_existing_file(path: Optional[Path], overwrite: bool, option: str) ->
 
 @app.command()
 @friendly
+def probe(checkpoint: Path = typer.Argument(..., help="A trained network (.safetensors with its sidecar)."),
+          recipe: str = typer.Option(..., "--recipe", "-r", help="Probe recipe: the dataset and the linear "
+                                     "classifier's training (probe-stl10, probe-tiny-imagenet, or a YAML path)."),
+          set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, overwrite: bool = OverwriteOpt,
+          device: str = DeviceOpt, seed: int = SeedOpt, smoke: bool = SmokeOpt) -> None:
+    """Transfer: a linear classifier on the frozen network's features on another dataset; top-1 to probe.csv."""
+    from kdcli.engine.outputs import claim, writing
+    from kdcli.engine.pipeline import resolve_device
+    from kdcli.engine.probe import PROBE_FILE
+    from kdcli.engine.probe import probe as run_probe
+    from kdcli.engine.runs import RunRecord
+
+    if not checkpoint.is_file():
+        raise UserError(f"checkpoint {checkpoint} does not exist; check the path")
+    resolved = _load(recipe, set_, smoke)
+    output = claim(out, "probe", resolved.name, overwrite=overwrite, smoke=smoke)
+    with writing(output) as folder:
+        frame = run_probe(checkpoint, resolved, resolve_device(device), folder, seed=seed, smoke=smoke)
+        RunRecord("probe", [seed], smoke).write(folder, resolved)
+    shown = ["arch", "dataset", "image_size", "feature_dim", "train_samples", "test_samples", "epochs", "top1", "top5"]
+    _print_frame(frame[shown], f"linear probe of {checkpoint.name} on {resolved.name}{' (smoke)' if smoke else ''}")
+    _say(f"results: {output.final / PROBE_FILE}")
+
+
+@app.command()
+@friendly
 def export(checkpoint: Path = typer.Argument(..., help="Checkpoint to export (.safetensors or .pth)."),
            out: Optional[Path] = typer.Option(
                None, "--out", "-o", help="Output directory (default runs/<checkpoint>-export-<time>)."),
@@ -450,19 +476,19 @@ def _measure(resolved, kinds, checkpoint, arch, samples, split, alpha, tau, per_
     from kdcli.engine.runs import RunRecord
 
     path, arch = violations.teacher_source(resolved, checkpoint, arch, smoke)
-    if path is not None:
-        _say(f"teacher: {path} ({arch})")
     data = prepare_data(resolved, smoke)
     dataset = {"train": data.train, "val": data.val, "test": data.test}.get(split)
     if dataset is None:
         raise UserError(f"--split '{split}' is not available for recipe '{resolved.name}'; use train, test, "
                         "or val with --set data.val_fraction=0.1")
-    teacher = violations.load_teacher(path, arch, data.num_classes, console)
+    teacher = violations.load_teacher(path, arch, data.num_classes, console, resolved, smoke)
+    if path is not None or not smoke:
+        _say(f"teacher: {path or violations.pretrained_name(resolved)} ({arch})")
     report = violations.measure_violations(
-        teacher, dataset, kinds, batch_size=resolved.train.eval_batch_size, device=resolve_device(device), tau=tau,
-        alpha=alpha, samples=samples, seed=seed, class_names=data.class_names)
-    provenance = {"recipe": resolved.name, "teacher": str(path or ""), "arch": arch, "split": split, "tau": tau,
-                  "alpha": alpha, "seed": seed}
+        teacher, violations.as_teacher_sees(dataset, teacher), kinds, batch_size=resolved.train.eval_batch_size,
+        device=resolve_device(device), tau=tau, alpha=alpha, samples=samples, seed=seed, class_names=data.class_names)
+    provenance = {"recipe": resolved.name, "teacher": str(path or violations.pretrained_name(resolved) or ""),
+                  "arch": arch, "split": split, "tau": tau, "alpha": alpha, "seed": seed}
     write_csv(out / "violations.csv", report.table.assign(**provenance))
     shown = {"augmentation": "augment", "samples": "samples", "kendall_tau": "kendall tau", "top2_ratio": "top-2",
              "violation_rate": "violating", "discordant_pairs": "discordant", "kendall_tau_projected": "tau fixed",

@@ -21,6 +21,7 @@ are measured with it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,15 +80,18 @@ def parse_augmentations(text: str) -> list[str]:
 def teacher_source(recipe: Recipe, checkpoint: Path | None, arch: str | None, smoke: bool) -> tuple[Path | None, str]:
     """Which teacher to measure: ``(checkpoint path, architecture)``, checked before any data is built.
 
-    The path is ``checkpoint``, else the recipe's ``teacher.checkpoint``, else the teacher of the newest
-    ``kdcli distill``/``train-teacher`` run of this recipe under ``runs/`` (so ``kdcli measure-violations
-    --recipe quickstart`` measures the teacher that the quickstart just trained). The architecture is
-    ``arch``, else the checkpoint's sidecar, else the recipe's ``teacher.arch``. With ``smoke`` a missing
-    checkpoint is allowed (``None``): a randomly initialised teacher stands in.
+    The path is ``checkpoint``, else the recipe's ``teacher.checkpoint``; without either, a recipe naming
+    ``teacher.pretrained`` measures those weights (path ``None``); else the teacher of the newest ``kdcli
+    distill``/``train-teacher`` run of this recipe under ``runs/`` (so ``kdcli measure-violations --recipe
+    quickstart`` measures the teacher that the quickstart just trained). The architecture is ``arch``, else the
+    checkpoint's sidecar, else the recipe's ``teacher.arch``. With ``smoke`` a missing checkpoint is allowed
+    (``None``): a randomly initialised teacher stands in.
     """
     from kdcli.engine.pipeline import newest_trained_teacher
 
     path = checkpoint or (Path(recipe.teacher.checkpoint) if recipe.teacher and recipe.teacher.checkpoint else None)
+    if path is None and pretrained_name(recipe) is not None:
+        return None, recipe.teacher.arch
     if path is None and not smoke:
         path = newest_trained_teacher(recipe.name)
     path = path.expanduser() if path is not None else None
@@ -105,15 +109,32 @@ def teacher_source(recipe: Recipe, checkpoint: Path | None, arch: str | None, sm
     return path, arch
 
 
-def load_teacher(path: Path | None, arch: str, num_classes: int, console) -> nn.Module:
-    """The frozen teacher in eval mode; ``path=None`` (``--smoke`` only) gives a random ``arch``."""
-    from kdcli.engine.pipeline import build_network
+def pretrained_name(recipe: Recipe) -> str | None:
+    """The recipe's ``teacher.pretrained`` (None without one)."""
+    return recipe.teacher.pretrained if recipe.teacher is not None else None
+
+
+def load_teacher(path: Path | None, arch: str, num_classes: int, console, recipe: Recipe,
+                 smoke: bool = False) -> nn.Module:
+    """The frozen teacher in eval mode: from ``path``, else the recipe's ``teacher.pretrained`` weights, else
+    (``--smoke`` only) a random ``arch``."""
+    from kdcli.engine.pipeline import build_network, load_named_teacher
     from kdcli.engine.pipeline import load_teacher as load_checkpoint
 
     if path is not None:
         return load_checkpoint(str(path), arch, num_classes, smoke=False, console=console)
+    if pretrained_name(recipe) is not None:
+        return load_named_teacher(recipe.teacher, num_classes, smoke, console)
     console.print(f"[yellow]smoke: no teacher checkpoint, using a random {escape(arch)}[/]")
     return build_network(arch, num_classes).eval().requires_grad_(False)
+
+
+def as_teacher_sees(split: Split, teacher: nn.Module) -> Split:
+    """``split`` normalised as the teacher's weights were trained (its ``kdcli_meta``), when that is known."""
+    meta = getattr(teacher, "kdcli_meta", None) or {}
+    if "mean" not in meta or "std" not in meta:
+        return split
+    return dataclasses.replace(split, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
 
 
 @torch.inference_mode()

@@ -1,4 +1,5 @@
-"""Small image datasets written in the real formats: ImageFolder JPEG trees, WebDataset shards, Tiny-ImageNet's val/.
+"""Small image datasets written in the real formats: ImageFolder JPEG trees, WebDataset shards, Tiny-ImageNet's
+layout, STL-10's binaries.
 
 Each class has its own colour, and each image a white band of random width at the left plus mild noise, so
 images differ, classes are learnable, and JPEGs have photo-like sizes.
@@ -13,10 +14,16 @@ import numpy as np
 from PIL import Image
 
 
+def class_colour(label: int) -> np.ndarray:
+    """The RGB colour of class ``label`` (float64)."""
+    label = int(label)
+    return np.array([(53 * label) % 256, (97 * label + 80) % 256, (151 * label + 160) % 256], dtype=np.float64)
+
+
 def _image(label: int, index: int, size: tuple[int, int], seed: int) -> Image.Image:
     rng = np.random.default_rng([seed, label, index])
     width, height = size
-    colour = np.array([(53 * label) % 256, (97 * label + 80) % 256, (151 * label + 160) % 256], dtype=np.float64)
+    colour = class_colour(label)
     pixels = np.broadcast_to(colour, (height, width, 3)).copy()
     pixels[:, : int(rng.integers(2, max(3, width // 3)))] = 255
     pixels += rng.normal(0, 12, pixels.shape)
@@ -75,3 +82,22 @@ def write_tiny_imagenet(root: Path, classes: int, train: int, val: int, seed: in
         lines.append(f"val_{j}.JPEG\t{names[label]}\t0\t0\t63\t63")
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     return names
+
+
+def write_stl10(root: Path, n_train: int, n_test: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """STL-10's binary layout: ``*_X.bin`` uint8 (N, 3, 96, 96) stored column-major per channel, ``*_y.bin`` labels
+    1..10 (torchvision's reader transposes the last two axes and subtracts 1). Every image of a class is the same
+    picture: the class colour (:func:`class_colour` of the 0-based label), black in the bottom half."""
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    written = {}
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(1, 11, n).astype(np.uint8)
+        images = np.zeros((n, 3, 96, 96), dtype=np.uint8)
+        images[:, :, :48] = np.stack([class_colour(label - 1) for label in labels]).astype(np.uint8)[:, :, None, None]
+        images.transpose(0, 1, 3, 2).tofile(folder / f"{split}_X.bin")
+        labels.tofile(folder / f"{split}_y.bin")
+        written[split] = (images, labels)
+    (folder / "class_names.txt").write_text("\n".join(f"c{i}" for i in range(10)) + "\n")
+    return written

@@ -19,8 +19,8 @@ from kdcli.data import (
     make_loader,
     smoke_data,
     synthetic,
+    torchvision_sets,
 )
-from kdcli.data import torchvision_sets
 from kdcli.data.loader import epoch_order
 from kdcli.data.splits import channel_stats, stratified_split
 from kdcli.data.synthetic import synthetic_split

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from imagefiles import write_jpeg_tree, write_shards, write_tiny_imagenet
+from imagefiles import class_colour, write_jpeg_tree, write_shards, write_stl10, write_tiny_imagenet
 from PIL import Image
 from test_distributed import torchrun
 from typer.testing import CliRunner
@@ -142,38 +142,19 @@ def test_tiny_imagenet_val_is_read_through_its_annotations(tmp_path):
     assert bundle.train.labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3  # train/<wnid>/images/*.JPEG
     assert bundle.test.labels.tolist() == [(j * 7) % 4 for j in range(8)]  # from val_annotations.txt, file order
     colours = torch.stack([bundle.test.load(j, None)[16:, 28:].float().mean((0, 1)) for j in range(8)])
-    expected = torch.tensor([[(53 * c) % 256, (97 * c + 80) % 256, (151 * c + 160) % 256] for c in
-                             bundle.test.labels.tolist()]).float()
+    expected = torch.as_tensor(np.stack([class_colour(c) for c in bundle.test.labels.tolist()])).float()
     assert torch.allclose(colours, expected, atol=10)  # the class colour right of the white band: labels match images
 
 
-def _write_stl10(root: Path, n_train: int, n_test: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """STL-10's binary layout: ``*_X.bin`` uint8 (N, 3, 96, 96) stored column-major per channel, ``*_y.bin`` labels
-    1..10 (torchvision's reader transposes the last two axes and subtracts 1)."""
-    folder = root / "stl10_binary"
-    folder.mkdir(parents=True)
-    written = {}
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = rng.integers(1, 11, n).astype(np.uint8)
-        images = np.zeros((n, 3, 96, 96), dtype=np.uint8)
-        images[:, 0] = labels[:, None, None] * 20  # red = 20 x label everywhere
-        images[:, 1, :48] = 200  # green only in the top half of the row-major image
-        images.transpose(0, 1, 3, 2).tofile(folder / f"{split}_X.bin")
-        labels.tofile(folder / f"{split}_y.bin")
-        written[split] = (images, labels)
-    (folder / "class_names.txt").write_text("\n".join(f"c{i}" for i in range(10)) + "\n")
-    return written
-
-
 def test_stl10_binaries_are_read_labelled_and_resized(tmp_path):
-    written = _write_stl10(tmp_path, 6, 4)
+    written = write_stl10(tmp_path, 6, 4)
     bundle = build_data(DataConfig("stl10", root=str(tmp_path), image_size=32))
     assert bundle.num_classes == 10 and bundle.class_names == [f"c{i}" for i in range(10)]
     assert bundle.train.images.shape == (6, 3, 32, 32) and bundle.test.images.shape == (4, 3, 32, 32)
     assert bundle.train.labels.tolist() == (written["train"][1].astype(int) - 1).tolist()
-    assert torch.equal(bundle.train.images[:, 0, 5, 5], torch.as_tensor(written["train"][1]) * 20)
-    assert (bundle.train.images[:, 1, :15] == 200).all() and (bundle.train.images[:, 1, 17:] == 0).all()
+    colours = torch.as_tensor(np.stack([class_colour(label - 1) for label in written["train"][1]])).to(torch.uint8)
+    assert torch.equal(bundle.train.images[:, :, 5, 5], colours)  # the top half, row-major (the file is not)
+    assert (bundle.train.images[:, :, 17:] == 0).all()
     with pytest.raises(UserError, match="test_X.bin"):
         (tmp_path / "stl10_binary" / "test_X.bin").unlink()
         build_data(DataConfig("stl10", root=str(tmp_path), image_size=32))

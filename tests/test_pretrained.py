@@ -131,3 +131,32 @@ def test_distill_from_a_named_teacher_file_end_to_end_and_offline_is_one_line(tm
     mismatch = CliRunner().invoke(app, ["distill", "--recipe", str(recipe), "--set", "teacher.arch=resnet34", "--out",
                                         str(tmp_path / "m")])
     assert mismatch.exit_code == 2 and "set teacher.arch=resnet18" in mismatch.output
+
+
+def test_measure_violations_measures_a_named_teacher_with_its_own_normalisation(tmp_path: Path, monkeypatch) -> None:
+    """With teacher.pretrained and no checkpoint, measure-violations loads the named weights (here served as if
+    from torch hub's cache) and feeds them images normalised with ImageNet's statistics, not the data's."""
+    import dataclasses
+
+    import pandas as pd
+
+    from kdcli.data import smoke_data
+    from kdcli.violations import measure_violations
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18().state_dict()
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", lambda self, *a, **k: state)
+    recipe = tmp_path / "named.yaml"
+    recipe.write_text(RECIPE % "")
+    result = CliRunner().invoke(app, ["measure-violations", "--recipe", str(recipe), "--smoke", "--augment",
+                                      "none,mixup", "--samples", "24", "--out", str(tmp_path / "v")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "v" / "violations.csv")
+    assert set(table.teacher) == {"torchvision:resnet18.IMAGENET1K_V1"} and set(table.arch) == {"resnet18"}
+    teacher = torchvision.models.resnet18()
+    teacher.load_state_dict(state)
+    split = dataclasses.replace(smoke_data(1000, 32).train, mean=tuple(IMAGENET[0]), std=tuple(IMAGENET[1]))
+    direct = measure_violations(teacher.eval(), split, ["none", "mixup"], batch_size=32, device=torch.device("cpu"),
+                                samples=24, seed=0).table
+    assert table.kendall_tau.tolist() == pytest.approx(direct.kendall_tau.tolist(), abs=1e-6)
+    assert table.violation_rate.tolist() == pytest.approx(direct.violation_rate.tolist(), abs=1e-9)

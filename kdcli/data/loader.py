@@ -3,11 +3,13 @@
 In-memory splits never go through a DataLoader: the uint8 tensor lives on the device, a batch is an
 index gather, and random crop (zero padding in pixel space, as torchvision's ``RandomCrop(padding=p)``)
 plus horizontal flip is one fused gather on the device. Decoded splits (ImageFolder trees, WebDataset shards)
-use one DataLoader per loader whose persistent workers return uint8 crops into pinned memory. Both paths end in the same on-device ``(x / 255 - mean) / std``.
+use one DataLoader per loader whose persistent workers return uint8 crops into pinned memory. Both paths end
+in the same on-device ``(x / 255 - mean) / std``.
 
 Reproducibility: the epoch permutation comes from a generator seeded by (seed, epoch) and the
-augmentation draws from one seeded by (seed, epoch, rank), all on the CPU, so a run resumed at an epoch
-boundary, or a second loader with the same seed, yields bit-identical batches on any device.
+augmentation draws from one seeded by (seed, epoch, rank) (per sample position for decoded splits), all on
+the CPU, so a run resumed at an epoch boundary or mid-epoch, or a second loader with the same seed, yields
+bit-identical batches on any device and with any number of workers.
 """
 
 from __future__ import annotations

@@ -193,6 +193,9 @@ def preflight(command: str, recipe: Recipe, smoke: bool) -> None:
     teacher checkpoint's existence (a typo in the student should not cost a teacher's training first)."""
     from kdcli.models import check_model_name
 
+    if recipe.teacher is None and recipe.student is None and not recipe.method.params.get("networks"):
+        raise UserError(f"recipe '{recipe.name}' names no network to train (a probe recipe?); give one with teacher "
+                        f"and student sections, or use it with: kdcli probe CHECKPOINT --recipe {recipe.name}")
     archs = [recipe.teacher.arch] if recipe.teacher is not None else []
     needs_teacher = False
     if command == "distill":

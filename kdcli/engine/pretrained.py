@@ -4,7 +4,8 @@
 The weights come from the local caches the two libraries keep (torch hub's ``checkpoints/`` for torchvision,
 the Hugging Face hub cache for timm) and are downloaded into them when the machine is online. Offline and
 absent, loading stops with one line naming the file and where to put it, or to pass the downloaded file as
-``teacher.checkpoint``: the name then gives the architecture and the normalisation, the file the weights.
+``teacher.checkpoint``: the name then gives the architecture and the normalisation, the file the weights (and
+the class count: a teacher of the named network fine-tuned, or trained by kdcli, on another dataset).
 
 The returned network carries ``kdcli_meta`` with the class count and the normalisation its weights were
 trained with (mean, std), which the engine compares with the data's to re-normalise the teacher's input.
@@ -19,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from kdcli.engine.checkpoint import read_state_dict
+from kdcli.engine.checkpoint import infer_num_classes, read_state_dict
 from kdcli.errors import UserError
 
 SOURCES = ("torchvision", "timm")
@@ -72,10 +73,10 @@ def _torchvision(name: PretrainedName, checkpoint: str | None) -> tuple[nn.Modul
         raise UserError(f"teacher.pretrained {name.text}: torchvision has no weights '{name.weights}' for "
                         f"'{name.model}'; see torchvision.models.get_model_weights('{name.model}')") from None
     transform = weights.transforms()
-    network = torchvision.models.get_model(name.model, weights=None, num_classes=len(weights.meta["categories"]))
-    if checkpoint is not None:
-        state = _read(checkpoint)
-    else:
+    state = _read(checkpoint) if checkpoint is not None else None
+    classes = len(weights.meta["categories"]) if state is None else infer_num_classes(state)
+    network = torchvision.models.get_model(name.model, weights=None, num_classes=classes)
+    if state is None:
         try:
             state = weights.get_state_dict(progress=False, check_hash=True)
         except Exception as err:  # noqa: BLE001 - offline, refused or damaged: one line saying what to place where
@@ -94,8 +95,10 @@ def _timm(name: PretrainedName, checkpoint: str | None) -> tuple[nn.Module, tupl
     full = f"{name.model}.{name.weights}"
     if not timm.is_model(name.model):
         raise UserError(f"teacher.pretrained {name.text}: timm has no model '{name.model}'")
+    state = _read(checkpoint) if checkpoint is not None else None
     try:
-        network = timm.create_model(full, pretrained=checkpoint is None)
+        network = timm.create_model(full, pretrained=state is None,
+                                    **({} if state is None else {"num_classes": infer_num_classes(state)}))
     except RuntimeError as err:
         if "Unknown pretrained tag" in str(err) or "Invalid pretrained tag" in str(err):
             raise UserError(f"teacher.pretrained {name.text}: timm has no weights '{name.weights}' for "
@@ -103,8 +106,8 @@ def _timm(name: PretrainedName, checkpoint: str | None) -> tuple[nn.Module, tupl
         raise _offline(name, err) from None
     except Exception as err:  # noqa: BLE001 - offline, refused or damaged: one line saying what to place where
         raise _offline(name, err) from None
-    if checkpoint is not None:
-        _load(network, _read(checkpoint), name.text)
+    if state is not None:
+        _load(network, state, name.text)
     cfg = network.pretrained_cfg
     return network, tuple(cfg["mean"]), tuple(cfg["std"])
 

@@ -622,8 +622,9 @@ def bench_data(
         workers: Optional[int] = typer.Option(None, help="DataLoader workers of both loaders (default: the recipe's "
                                               "data.num_workers, resolved)."),
         batches: int = typer.Option(20, help="Batches per timed round."),
-        warmup: int = typer.Option(5, help="Untimed batches per loader first (after its workers start)."),
-        repeats: int = typer.Option(3, help="Timed rounds; the loaders take turns."),
+        warmup: int = typer.Option(5, help="Untimed batches per round first (at least 2 x workers + 1 are taken: "
+                                    "the batches the workers prefetch are not the steady state)."),
+        repeats: int = typer.Option(3, help="Timed rounds; the loaders take turns, one loader's workers at a time."),
         results_file: Optional[Path] = typer.Option(None, "--results-file", help="Also write the table to this CSV."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --results-file."),
         seed: int = SeedOpt) -> None:
@@ -640,13 +641,13 @@ def bench_data(
         raise UserError("bench data: --batches and --repeats must be >= 1, --warmup and --workers >= 0")
     target = resolve_device(device)
     count = resolve_workers(resolved.data.num_workers) if workers is None else workers
-    frame = run_bench(resolved, build_data(resolved.data), target, workers=count, batches=batches, warmup=warmup,
-                      repeats=repeats, seed=seed)
+    frame = run_bench(resolved, build_data(resolved.data), target, workers=count, batches=batches,
+                      warmup=max(warmup, 2 * count + 1), repeats=repeats, seed=seed)
     _print_frame(frame.drop(columns=["dataset"]), f"{resolved.name}: {resolved.data.dataset} train loader, batch "
                  f"{resolved.train.batch_size}, {count} workers, {target}")
-    kdcli_row = frame.iloc[1]
-    _say(f"kdcli: {kdcli_row.images_per_sec:.0f} img/s = {kdcli_row.ratio:.2f}x torchvision's loader "
-         f"({frame.images_per_sec.iloc[0]:.0f} img/s)")
+    reference, kdcli_row = frame.iloc[0], frame.iloc[1]
+    _say(f"kdcli: {kdcli_row.images_per_sec:.0f} img/s = {kdcli_row.ratio:.2f}x {reference.loader}'s loader "
+         f"({reference.images_per_sec:.0f} img/s)")
     if results_file is not None:
         write_csv(results_file, frame)
         _say(f"results: {results_file}")

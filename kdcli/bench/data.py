@@ -7,13 +7,16 @@ memory on CUDA, persistent workers) over the same files with the same number of 
 the reference is the ``webdataset`` library's pipeline with the same transforms; for in-memory datasets (CIFAR,
 synthetic) it is a DataLoader over PIL images with ``RandomCrop(S, padding)`` + flip, as RepDistiller and
 mdistiller load CIFAR. Both loaders deliver normalised float batches on the device; a batch counts once it is
-there. The loaders take turns in timed rounds of ``batches`` batches (worker start-up and ``warmup`` batches
-are not timed), so background load hits both alike; the median round is reported. On the CPU the main process
+there. The loaders take turns in rounds, so background load hits both alike: each round builds the loader,
+loads ``warmup`` batches untimed (worker start-up and the batches its workers prefetched), times ``batches``
+batches, and shuts its workers down, so that only one loader's workers run at a time; the median round is
+reported. On the CPU the main process
 runs ``CPUs - workers`` intra-op threads (at least 1) for both, so that its threads do not take the workers' cores.
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from kdcli.bench.timing import PILImages, intra_op_threads
 from kdcli.data import DataBundle, FolderSplit, TensorSplit, make_loader
-from kdcli.data.registry import DATASETS
+from kdcli.data.sources import ShardSource
 from kdcli.devices import available_cpus, synchronize
 from kdcli.errors import UserError
 from kdcli.recipes import Recipe
@@ -37,7 +40,8 @@ def bench_data(recipe: Recipe, data: DataBundle, device: torch.device, *, worker
                repeats: int, seed: int) -> pd.DataFrame:
     """Images/s of kdcli's training loader and of the reference over ``data.train``; one row each.
 
-    Columns: ``loader, dataset, workers, batch_size, image_size, images_per_sec`` (median round),
+    Columns: ``loader`` (``torchvision`` or ``webdataset``: the reference, first; then ``kdcli``), ``dataset,
+    workers, batch_size, image_size, images_per_sec`` (median round),
     ``images_per_sec_min/max``, ``batch_ms`` (median ms per batch), ``ratio`` (this loader's images/s over the
     reference's, measured in the same run).
     """
@@ -53,21 +57,13 @@ def bench_data(recipe: Recipe, data: DataBundle, device: torch.device, *, worker
 def _measure(recipe: Recipe, data: DataBundle, device: torch.device, *, workers: int, batches: int, warmup: int,
              repeats: int, seed: int) -> pd.DataFrame:
     split, batch_size = data.train, recipe.train.batch_size
-    streams = {"torchvision": _reference(recipe, split, device, workers, batch_size, seed),
-               "kdcli": _kdcli(split, device, workers, batch_size, seed, recipe.train.channels_last)}
-    for stream in streams.values():  # worker start-up, first file-system reads, allocator
-        for _ in range(warmup):
-            next(stream)
+    reference = "webdataset" if _shards(split) else "torchvision"
+    streams = {reference: lambda: _reference(recipe, split, device, workers, batch_size, seed),
+               "kdcli": lambda: _kdcli(split, device, workers, batch_size, seed, recipe.train.channels_last)}
     rates: dict[str, list[float]] = {name: [] for name in streams}
     for round_ in range(repeats):
-        order = list(streams) if round_ % 2 == 0 else list(reversed(streams))
-        for name in order:
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(batches):
-                next(streams[name])
-            synchronize(device)
-            rates[name].append(batches * batch_size / (time.perf_counter() - start))
+        for name in list(streams) if round_ % 2 == 0 else list(reversed(streams)):
+            rates[name].append(_timed_block(streams[name](), device, batches, warmup) * batch_size)
     rows = []
     for name, values in rates.items():
         median = statistics.median(values)
@@ -77,6 +73,23 @@ def _measure(recipe: Recipe, data: DataBundle, device: torch.device, *, workers:
     frame = pd.DataFrame(rows)
     frame["ratio"] = frame.images_per_sec / frame.images_per_sec.iloc[0]
     return frame
+
+
+def _timed_block(stream: Batches, device: torch.device, batches: int, warmup: int) -> float:
+    """Batches/s of ``batches`` batches after ``warmup`` untimed ones (worker start-up, and the batches the workers
+    prefetched: they are not the steady state). Only this stream's workers live meanwhile: it is closed after."""
+    try:
+        for _ in range(warmup):
+            next(stream)
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(stream)
+        synchronize(device)
+        return batches / (time.perf_counter() - start)
+    finally:
+        stream.close()  # the loader and its workers go with the generator
+        gc.collect()
 
 
 def _kdcli(split: TensorSplit | FolderSplit, device: torch.device, workers: int, batch_size: int, seed: int,
@@ -109,7 +122,7 @@ def _reference(recipe: Recipe, split: TensorSplit | FolderSplit, device: torch.d
     on_gpu = device.type == "cuda"
     if isinstance(split, TensorSplit):
         dataset = PILImages(split, transform)
-    elif DATASETS[cfg.dataset].decoded and _shards(cfg.root):
+    elif _shards(split):
         return _webdataset_reference(cfg.root, transform, device, workers, batch_size)
     else:
         from torchvision.datasets import ImageFolder
@@ -127,8 +140,8 @@ def _on_device(loader, device: torch.device, on_gpu: bool) -> Batches:
             yield images.to(device, non_blocking=on_gpu), labels.to(device, non_blocking=on_gpu)
 
 
-def _shards(root: str) -> bool:
-    return any((Path(root).expanduser() / "train").glob("*.tar"))
+def _shards(split: TensorSplit | FolderSplit) -> bool:
+    return isinstance(split, FolderSplit) and isinstance(split.source, ShardSource)
 
 
 def _webdataset_reference(root: str, transform: Callable, device: torch.device, workers: int,

@@ -169,12 +169,17 @@ def _resume_command(out: Path) -> str:
 
 def _forget_failed_start(out: Path, remove_dir: bool) -> None:
     """A run that failed before any stage began leaves nothing behind (so the same command works once fixed)."""
-    from kdcli.engine.runs import RECIPE_FILE, RUN_FILE
+    import shutil
 
-    if not out.is_dir() or any(path.is_dir() for path in out.iterdir()):
+    from kdcli.engine.runs import RECIPE_FILE, RUN_FILE
+    from kdcli.engine.tracking import TRACKER_DIRS
+
+    if not out.is_dir() or any(path.is_dir() and path.name not in TRACKER_DIRS for path in out.iterdir()):
         return  # a stage started: its files are the user's to inspect or resume
     for name in (RECIPE_FILE, RUN_FILE):
         (out / name).unlink(missing_ok=True)
+    for name in TRACKER_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
     if remove_dir and not any(out.iterdir()):
         out.rmdir()
 
@@ -196,13 +201,17 @@ def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smo
     """Run the recipe once per seed (each in its own sub-directory when there are several)."""
     from kdcli.engine import pipeline
     from kdcli.engine.io import write_csv
+    from kdcli.engine.tracking import Tracker, check_trackers
 
     resolved = _load(recipe, overrides, smoke)
     seed_list = _parse_seeds(seed, seeds)
     if dry_run:
-        console.print(resolved.to_yaml(), highlight=False, markup=False)
+        from kdcli.engine.runs import recipe_yaml
+
+        console.print(recipe_yaml(resolved), highlight=False, markup=False)
         return
     pipeline.preflight(command, resolved, smoke)
+    check_trackers(resolved.log)
     ctx, plan, output = _context(resolved, out, device, seed_list, seeds is not None, smoke, resume, overwrite, command)
     if plan.finished:
         if ctx.dist.is_main:
@@ -211,8 +220,10 @@ def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smo
              "with a larger --set train.epochs=N")
         return
     try:
+        ctx.tracker = Tracker(resolved.log, resolved, ctx.out_dir, enabled=ctx.dist.is_main)
         with ctx.signals:  # held over every stage: a signal between two stages stops before the next one
             frame = pipeline.run_seeds(command, resolved, ctx, smoke, plan.seeds, share_teacher=not teacher_per_seed)
+        ctx.tracker.results(frame)
     except RunInterrupted as stop:  # SIGINT/SIGTERM during training: a recovery point was written
         _error(f"{stop}. Continue with: {_resume_command(ctx.out_dir)}")
         raise typer.Exit(stop.exit_code) from None
@@ -228,6 +239,9 @@ def _train(command: str, recipe: str, overrides, out, device, seed, dry_run, smo
         if not resume:
             _forget_failed_start(ctx.out_dir, remove_dir=output.created or output.staging is not None)
         raise
+    finally:
+        if ctx.tracker is not None:
+            ctx.tracker.close()
     if ctx.dist.is_main:
         write_csv(ctx.out_dir / "results.csv", frame)
         output.commit()
@@ -374,6 +388,58 @@ def _refuse_existing_file(path: Optional[Path], overwrite: bool, option: str) ->
 
 @app.command()
 @friendly
+def report(paths: List[Path] = typer.Argument(..., help="Run directories, --seeds parents, or folders holding runs "
+                                              "(e.g. runs/)."),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for report.csv/.md/.html and "
+                                              "curves/ (default runs/<folder>-report-<time>)."),
+           overwrite: bool = OverwriteOpt,
+           group_by: str = typer.Option("recipe,stage,network", "--group-by", help="Columns whose values make a "
+                                        "row, comma-separated: recipe, stage, network, arch (the config hash always "
+                                        "splits rows)."),
+           formats: str = typer.Option("md,csv,html", "--format", help="Files to write: md, csv, html."),
+           plot: Optional[bool] = typer.Option(None, "--plot/--no-plot", help="Learning curves per run and stage as "
+                                               "PNG (needs the plot extra; default: on for a single run).")) -> None:
+    """One table across runs and seeds: mean ± std, teacher, baseline, gain, paper; learning curves."""
+    from kdcli import report as reporting
+    from kdcli.engine.outputs import claim, writing
+    from kdcli.engine.runs import RunRecord
+
+    keys = [key.strip() for key in group_by.split(",") if key.strip()]
+    wanted = [name.strip() for name in formats.split(",") if name.strip()]
+    if not wanted or any(name not in reporting.FORMATS for name in wanted):
+        raise UserError(f"--format '{formats}': choose from {', '.join(reporting.FORMATS)}, comma-separated")
+    runs = reporting.find_runs(paths)
+    table = reporting.build_report(runs, keys)
+    draw = plot if plot is not None else len(runs) == 1
+    if draw:
+        from kdcli import figures
+
+        figures.pyplot()  # fail before writing anything when matplotlib is missing
+    output = claim(out, "report", paths[0].resolve().name if len(paths) == 1 else "runs", overwrite=overwrite)
+    with writing(output) as folder:
+        curves = _curves(runs, folder / "curves") if draw else []
+        written = reporting.write_report(table, folder, wanted, curves, reporting.extra_tables(runs))
+        RunRecord("report", [], False).write(folder)
+    _print_frame(reporting.display_table(table), f"kdcli report: {len(runs)} run{'s' if len(runs) > 1 else ''}")
+    final = output.final
+    _say("written: " + ", ".join(str(final / path.relative_to(folder)) for path in written)
+         + (f", {len(curves)} curves in {final / 'curves'}" if curves else ""))
+
+
+def _curves(runs, folder: Path) -> list[Path]:
+    from kdcli import curves
+    from kdcli.report import stage_histories
+
+    drawn = []
+    for run in runs:
+        for stage, histories in stage_histories(run).items():
+            title = f"{run.recipe.get('name', run.path.name)} - {stage} ({run.path.name})"
+            drawn.append(curves.plot_stage(histories, title, folder / f"{run.path.name}-{stage}.png"))
+    return drawn
+
+
+@app.command()
+@friendly
 def probe(checkpoint: Path = typer.Argument(..., help="A trained network (.safetensors with its sidecar)."),
           recipe: str = typer.Option(..., "--recipe", "-r", help="Probe recipe: the dataset and the linear "
                                      "classifier's training (probe-stl10, probe-tiny-imagenet, or a YAML path)."),
@@ -445,18 +511,19 @@ def measure_violations(
         per_class: bool = typer.Option(
             False, "--per-class", help="Add a per-class breakdown (by primary label) and its CSV."),
         plot: Optional[Path] = typer.Option(
-            None, "--plot", help="Draw the Kendall-tau distributions to this PNG (needs the plot extra)."),
+            None, "--plot", help="Draw the Kendall-tau distributions to this PNG, PDF or SVG (needs the plot extra)."),
         out: Optional[Path] = typer.Option(
             None, "--out", "-o", help="Directory for violations.csv and violations-per-class.csv (default "
             "runs/<recipe>-measure-violations-<time>)."),
         overwrite: bool = OverwriteOpt, device: str = DeviceOpt, seed: int = SeedOpt, smoke: bool = SmokeOpt) -> None:
     """How often a teacher's soft labels contradict mixed hard labels (IDA, Fig. 1), before and after the isotonic fix."""
-    from kdcli import violations
+    from kdcli import figures, violations
     from kdcli.engine.outputs import claim, writing
 
     kinds = violations.parse_augmentations(augment)
     if plot is not None:
-        violations.require_matplotlib()
+        figures.pyplot()
+        figures.check_path(plot)
     if split not in ("train", "val", "test"):
         raise UserError(f"--split '{split}' is not a split; use train, val or test")
     resolved = _load(recipe, set_, smoke)
@@ -472,7 +539,7 @@ def _measure(resolved, kinds, checkpoint, arch, samples, split, alpha, tau, per_
              smoke) -> None:
     from kdcli import violations
     from kdcli.engine.io import write_csv
-    from kdcli.engine.pipeline import prepare_data, resolve_device
+    from kdcli.engine.pipeline import as_teacher_sees, prepare_data, resolve_device
     from kdcli.engine.runs import RunRecord
 
     path, arch = violations.teacher_source(resolved, checkpoint, arch, smoke)
@@ -485,7 +552,7 @@ def _measure(resolved, kinds, checkpoint, arch, samples, split, alpha, tau, per_
     if path is not None or not smoke:
         _say(f"teacher: {path or violations.pretrained_name(resolved)} ({arch})")
     report = violations.measure_violations(
-        teacher, violations.as_teacher_sees(dataset, teacher), kinds, batch_size=resolved.train.eval_batch_size,
+        teacher, as_teacher_sees(dataset, teacher), kinds, batch_size=resolved.train.eval_batch_size,
         device=resolve_device(device), tau=tau, alpha=alpha, samples=samples, seed=seed, class_names=data.class_names)
     provenance = {"recipe": resolved.name, "teacher": str(path or violations.pretrained_name(resolved) or ""),
                   "arch": arch, "split": split, "tau": tau, "alpha": alpha, "seed": seed}
@@ -504,7 +571,7 @@ def _measure(resolved, kinds, checkpoint, arch, samples, split, alpha, tau, per_
         wide.columns = [f"{kind} {'tau' if stat == 'kendall_tau' else 'violating'}" for stat, kind in wide.columns]
         _print_frame(wide.reset_index(), "per class (a mixed sample counts for its primary label)")
     if plot is not None:
-        violations.plot_kendall(report, plot)
+        violations.plot_kendall(report, plot, f"label-order violations of {arch} soft labels ({resolved.name}, {split})")
         _say(f"plot: {plot}")
     RunRecord("measure-violations", [seed], smoke).write(out, resolved)
 

@@ -165,9 +165,23 @@ class TrainConfig:
     save_every_minutes: float = 10.0
 
 
+@dataclass
+class LogConfig:
+    """Experiment trackers (all off by default; see :mod:`kdcli.engine.tracking`): ``tensorboard: true`` writes
+    event files to ``<run>/tensorboard``; ``wandb`` takes ``wandb.init`` arguments (``project``, ``mode: offline``,
+    ...); ``mlflow`` takes ``tracking_uri``, ``experiment``, ``run_name``. ``every_steps``: how often the per-step
+    loss terms and learning rate are logged."""
+
+    tensorboard: bool = False
+    wandb: dict[str, Any] | None = None
+    mlflow: dict[str, Any] | None = None
+    every_steps: int = 50
+
+
 # Keys that change how a run is carried out but not one number it computes: left out of the config hash, and
 # free to differ when a run is resumed.
-OPERATIONAL = ("train.save_every_steps", "train.save_every_minutes", "data.num_workers")
+OPERATIONAL = ("train.save_every_steps", "train.save_every_minutes", "data.num_workers", "log.tensorboard",
+               "log.wandb", "log.mlflow", "log.every_steps")
 
 
 @dataclass
@@ -183,6 +197,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     paper_top1: float | None = None
     paper_source: str = ""
 
@@ -469,6 +484,7 @@ def _validate(recipe: Recipe, source: str) -> None:
         (recipe.train.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1"),
         (recipe.train.save_every_steps >= 0, "train.save_every_steps", "must be >= 0 (0: only at epoch ends)"),
         (recipe.train.save_every_minutes >= 0, "train.save_every_minutes", "must be >= 0 (0: never by time)"),
+        (recipe.log.every_steps >= 1, "log.every_steps", "must be >= 1"),
         (recipe.optim.lr > 0, "optim.lr", "must be > 0"),
         (recipe.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
         (len(recipe.optim.betas) == 2 and all(0 <= b < 1 for b in recipe.optim.betas), "optim.betas",

@@ -21,7 +21,6 @@ are measured with it.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,12 +33,12 @@ import torch.nn.functional as F
 from rich.markup import escape
 from torch import nn
 
+from kdcli import figures
 from kdcli.augment import MIX_KINDS, mix
 from kdcli.data import Split, make_loader
 from kdcli.data.seeding import generator
 from kdcli.devices import synchronize, timed
 from kdcli.engine.checkpoint import read_sidecar
-from kdcli.engine.io import atomic_save
 from kdcli.errors import UserError
 from kdcli.isotonic import ViolationStats, project, violation_stats
 from kdcli.recipes import Recipe
@@ -127,14 +126,6 @@ def load_teacher(path: Path | None, arch: str, num_classes: int, console, recipe
         return load_named_teacher(recipe.teacher, num_classes, smoke, console)
     console.print(f"[yellow]smoke: no teacher checkpoint, using a random {escape(arch)}[/]")
     return build_network(arch, num_classes).eval().requires_grad_(False)
-
-
-def as_teacher_sees(split: Split, teacher: nn.Module) -> Split:
-    """``split`` normalised as the teacher's weights were trained (its ``kdcli_meta``), when that is known."""
-    meta = getattr(teacher, "kdcli_meta", None) or {}
-    if "mean" not in meta or "std" not in meta:
-        return split
-    return dataclasses.replace(split, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
 
 
 @torch.inference_mode()
@@ -226,33 +217,26 @@ def _per_class(frame: pd.DataFrame, class_names: Sequence[str]) -> pd.DataFrame:
     return table
 
 
-def require_matplotlib() -> None:
-    """Fail early, in one line, when ``--plot`` cannot work."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserError("--plot needs matplotlib, which is not installed; install the plot extra: "
-                        "pip install 'kdcli[plot]'") from None
-
-
-def plot_kendall(report: ViolationReport, path: Path) -> None:
-    """Histogram of the per-sample Kendall tau (known-order pairs) per augmentation, saved as PNG."""
-    require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 4.0))
-    bins = np.linspace(-1.0, 1.0, 41)
-    for kind, frame in report.per_sample.items():
-        taus = frame["kendall_tau"].to_numpy()
-        axes.hist(taus, bins=bins, weights=np.full(len(taus), 1.0 / max(len(taus), 1)), histtype="step",
-                  linewidth=1.5, label=f"{kind} (mean {taus.mean():.3f})")
-    axes.set_xlabel("Kendall tau over known-order label pairs")
-    axes.set_ylabel("share of samples")
-    axes.set_title("Teacher soft labels vs hard labels")
-    axes.legend(loc="upper left")
-    figure.tight_layout()
-    atomic_save(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
-    plt.close(figure)
+def plot_kendall(report: ViolationReport, path: Path, title: str = "teacher soft labels vs hard labels") -> None:
+    """Per augmentation, one panel: the histogram of the per-sample Kendall tau over known-order label pairs
+    before (filled) and after (outline) the isotonic fix, with the sample count; saved as PNG, PDF or SVG (from
+    the name). Separate panels keep the spike of unmixed samples at tau = 1 from flattening the others."""
+    plt = figures.pyplot()
+    kinds = list(report.per_sample)
+    with plt.rc_context({"font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8}):
+        figure, panels = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 3.2), squeeze=False,
+                                      constrained_layout=True)
+        bins = np.linspace(-1.0, 1.0, 41)
+        for axes, kind in zip(panels[0], kinds, strict=True):
+            frame = report.per_sample[kind]
+            share = np.full(len(frame), 1.0 / max(len(frame), 1))
+            before, after = frame["kendall_tau"].to_numpy(), frame["kendall_tau_projected"].to_numpy()
+            axes.hist(before, bins=bins, weights=share, alpha=0.55, label=f"as given (mean {before.mean():.3f})")
+            axes.hist(after, bins=bins, weights=share, histtype="step", linewidth=1.4, color="black",
+                      label=f"after the fix (mean {after.mean():.3f})")
+            axes.set(title=f"{kind} ({len(frame):,} samples)", xlabel="Kendall tau (known-order label pairs)",
+                     xlim=(-1.05, 1.05))
+            axes.legend(loc="upper left", frameon=False)
+        panels[0][0].set_ylabel("share of samples")
+        figure.suptitle(title)
+        figures.save(figure, path)

@@ -22,8 +22,9 @@ LAYERS = {
     "models": 3,
     "methods": 4,
     "engine": 5,
-    "violations": 6, "bench": 6, "catalog": 6,
-    "cli": 7, "__main__": 8,
+    "bench": 6, "catalog": 6, "figures": 6,
+    "violations": 7, "report": 7, "curves": 7,
+    "cli": 8, "__main__": 9,
 }
 
 

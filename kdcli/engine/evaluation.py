@@ -22,7 +22,9 @@ def evaluate_checkpoints(checkpoints: list[Path], recipe: Recipe, split: str, de
                          arch: str | None = None, teacher: Path | None = None, teacher_arch: str | None = None,
                          save_logits: Path | None = None, smoke: bool = False, seed: int = 0,
                          console=None) -> tuple[pd.DataFrame, Path]:
-    """Evaluate each checkpoint; returns the table and the path of ``evaluation.csv``."""
+    """Evaluate each checkpoint; returns the table and the path of ``evaluation.csv``: per checkpoint its recipe,
+    dataset, split and sample count, top-1 and top-5 (%), NLL (nats), ECE (%, 15 equal-width bins), and with a
+    teacher, the teacher's path, top-1 agreement (%) and KL(teacher || student) (nats)."""
     data = prepare_data(recipe, smoke)
     dataset = {"train": data.train, "val": data.val, "test": data.test}.get(split)
     if dataset is None:
@@ -35,9 +37,10 @@ def evaluate_checkpoints(checkpoints: list[Path], recipe: Recipe, split: str, de
     rows, saved = [], {}
     for i, path in enumerate(checkpoints):
         logits, labels, indices = _logits(path, arch, data.num_classes, loader, device)
-        row = {"checkpoint": str(path), "split": split, "samples": len(labels), **classification_metrics(logits, labels)}
-        if teacher_logits is not None:
-            row.update(agreement_metrics(logits, teacher_logits))
+        row = {"checkpoint": str(path), "recipe": recipe.name, "dataset": recipe.data.dataset, "split": split,
+               "samples": len(labels), **classification_metrics(logits, labels)}
+        if teacher_logits is not None:  # the agreement and KL columns are against this teacher
+            row.update({"teacher": str(teacher), **agreement_metrics(logits, teacher_logits)})
         rows.append(row)
         saved[f"logits.{i}"] = logits.contiguous()
         saved["labels"], saved["indices"] = labels.contiguous(), indices.contiguous()

@@ -30,12 +30,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from kdcli.data import DataBundle, TensorSplit, build_data, smoke_data
+from kdcli.data import DataBundle, TensorSplit, build_data, make_loader, smoke_data
 from kdcli.data.registry import DATASETS
 from kdcli.devices import resolve_precision
 from kdcli.engine.cache import CachedTeacher, Manifest, build, default_dir, fingerprint, open_cache
 from kdcli.engine.checkpoint import load_model
 from kdcli.engine.io import write_csv
+from kdcli.engine.metrics import classification_metrics, predict
 from kdcli.engine.outputs import RUNS_DIR
 from kdcli.engine.runs import read_record
 from kdcli.engine.step import build_method, prepare_teacher, teacher_normalisation
@@ -159,6 +160,27 @@ def load_named_teacher(cfg, num_classes: int, smoke: bool, console, checkpoint: 
     return teacher.eval().requires_grad_(False)
 
 
+def as_teacher_sees(split, teacher: nn.Module):
+    """``split`` normalised as the teacher's weights were trained (its ``kdcli_meta``), when that is known."""
+    meta = getattr(teacher, "kdcli_meta", None) or {}
+    if "mean" not in meta or "std" not in meta:
+        return split
+    return dataclasses.replace(split, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+
+
+def teacher_accuracy(teacher: nn.Module, data: DataBundle, recipe: Recipe, ctx: RunContext) -> float:
+    """The loaded teacher's top-1 (%) on the recipe's evaluation split: the check that the right weights came in."""
+    split = data.val if recipe.train.eval_split == "val" else data.test
+    loader = make_loader(as_teacher_sees(split, teacher), recipe.train.eval_batch_size, train=False,
+                         device=ctx.device, seed=ctx.seed)
+    logits, labels, _ = predict(teacher, loader)
+    top1 = classification_metrics(logits, labels)["top1"]
+    if ctx.dist.is_main:
+        ctx.console.print(f"teacher {getattr(teacher, 'kdcli_arch', '')}: top-1 {top1:.2f}% on the "
+                          f"{recipe.train.eval_split} split", highlight=False, markup=False)
+    return top1
+
+
 def run_stage(stage: str, method_name: str, networks: dict[str, str], teacher: nn.Module | None,
               recipe: Recipe, data: DataBundle, ctx: RunContext, only: str | None = None) -> RunSummary:
     """Train ``networks`` (name -> arch) with one method inside ``out_dir/stage``.
@@ -178,7 +200,8 @@ def run_stage(stage: str, method_name: str, networks: dict[str, str], teacher: n
                           ctx.dist.world, data.train.labels)
     stage_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / stage)
     cache = teacher_cache(stage_recipe, teacher, data, ctx, method) if teacher is not None else None
-    return Trainer(method, teacher, data, stage_recipe, stage_ctx, stage, cache).fit()
+    loaded_top1 = teacher_accuracy(teacher, data, recipe, ctx) if teacher is not None else None  # after the checks
+    return Trainer(method, teacher, data, stage_recipe, stage_ctx, stage, cache, loaded_top1).fit()
 
 
 def train_teacher(recipe: Recipe, ctx: RunContext, smoke: bool) -> list[RunSummary]:
@@ -253,24 +276,12 @@ def _trains_teacher(recipe: Recipe) -> bool:
 
 def distill(recipe: Recipe, ctx: RunContext, smoke: bool, teacher_checkpoint: str | None = None) -> list[RunSummary]:
     """Teacher (trained first if neither the recipe nor ``teacher_checkpoint`` gives a checkpoint), optional
-    baseline, then the method."""
+    baseline, then the method. The loaded teacher's accuracy (measured as the method's stage starts) is recorded
+    with the baselines too."""
     method_cls = get_method(recipe.method.name)
     data = prepare_data(recipe, smoke)
-    summaries: list[RunSummary] = []
-    teacher = None
-    if method_cls.teacher_taps is not None:
-        if recipe.teacher is None:
-            raise UserError(f"method '{recipe.method.name}' needs a teacher; "
-                            "add teacher.arch (and teacher.checkpoint) to the recipe")
-        path = teacher_checkpoint or recipe.teacher.checkpoint
-        if recipe.teacher.pretrained is not None and teacher_checkpoint is None:
-            teacher = load_named_teacher(recipe.teacher, data.num_classes, smoke, ctx.console, path)
-        else:
-            if path is None:
-                summaries += train_teacher(recipe, ctx, smoke)
-                path = str(ctx.out_dir / TEACHER_CHECKPOINT)
-            teacher = load_teacher(path, recipe.teacher.arch, data.num_classes, smoke, ctx.console)
-        teacher = teacher.to(ctx.device)
+    teacher, summaries = _teacher(recipe, method_cls, data, ctx, smoke, teacher_checkpoint)
+    trained = len(summaries)
     student_arch = recipe.student.arch if recipe.student is not None else None
     networks = method_cls.networks_for(parse_params(method_cls, recipe.method.params), student_arch)
     if recipe.train.baseline:
@@ -278,7 +289,28 @@ def distill(recipe: Recipe, ctx: RunContext, smoke: bool, teacher_checkpoint: st
             stage = "baseline" if len(networks) == 1 else f"baseline-{name}"
             summaries.append(run_stage(stage, "ce", networks, None, recipe, data, ctx, only=name))
     summaries.append(run_stage(recipe.method.name, recipe.method.name, networks, teacher, recipe, data, ctx))
+    for summary in summaries[trained:]:
+        summary.teacher_top1 = summaries[-1].teacher_top1
     return summaries
+
+
+def _teacher(recipe: Recipe, method_cls: type[Method], data: DataBundle, ctx: RunContext, smoke: bool,
+             teacher_checkpoint: str | None) -> tuple[nn.Module | None, list[RunSummary]]:
+    """The frozen teacher on the device (None for a method without one), and the stage that trained it, if any."""
+    if method_cls.teacher_taps is None:
+        return None, []
+    if recipe.teacher is None:
+        raise UserError(f"method '{recipe.method.name}' needs a teacher; "
+                        "add teacher.arch (and teacher.checkpoint) to the recipe")
+    path, summaries = teacher_checkpoint or recipe.teacher.checkpoint, []
+    if recipe.teacher.pretrained is not None and teacher_checkpoint is None:
+        teacher = load_named_teacher(recipe.teacher, data.num_classes, smoke, ctx.console, path)
+    else:
+        if path is None:
+            summaries = train_teacher(recipe, ctx, smoke)
+            path = str(ctx.out_dir / TEACHER_CHECKPOINT)
+        teacher = load_teacher(path, recipe.teacher.arch, data.num_classes, smoke, ctx.console)
+    return teacher.to(ctx.device), summaries
 
 
 def teacher_cache(recipe: Recipe, teacher: nn.Module, data: DataBundle, ctx: RunContext,
@@ -361,7 +393,8 @@ def results_frame(summaries: list[RunSummary], recipe: Recipe, ctx: RunContext, 
                 "images_per_s": round(summary.images_per_s, 1), "wall_seconds": round(wall_seconds, 2),
                 "device": device_name(ctx.device), "precision": resolve_precision(recipe.train.precision, ctx.device),
                 "checkpoint": os.path.relpath(result.checkpoint, ctx.out_dir) if result.checkpoint else "",
-                "teacher_outputs": summary.teacher_outputs, "smoke": ctx.max_steps is not None,
+                "teacher_outputs": summary.teacher_outputs, "teacher_top1": summary.teacher_top1,
+                "smoke": ctx.max_steps is not None,
                 "kdcli": kdcli.__version__, "torch": torch.__version__,
                 "timm": timm.__version__, "python": platform.python_version(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -377,13 +410,17 @@ def device_name(device: torch.device) -> str:
 
 def with_seed_summary(frame: pd.DataFrame) -> pd.DataFrame:
     """Per-seed rows plus one ``mean`` row per (stage, network) run with several seeds (a shared teacher has
-    one row and no mean): best- and last-epoch accuracy ± std."""
-    metrics = ["best_top1", "last_top1", "test_top1_at_best", "test_top1_last"]
+    one row and no mean): best- and last-epoch accuracy ± std, and the mean time and images/s (the finish time
+    is the last seed's)."""
+    metrics = ["best_top1", "last_top1", "best_top5", "last_top5", "test_top1_at_best", "test_top1_last"]
     rows = []
     for _, group in frame.groupby(["stage", "network"], sort=False):
         if len(group) == 1:
             continue
-        row = group.iloc[0].to_dict() | {"seed": "mean", "best_epoch": None, "checkpoint": ""}
+        row = group.iloc[0].to_dict() | {"seed": "mean", "best_epoch": None, "checkpoint": "",
+                                         "finished": group["finished"].max()}
+        for column in ("stage_seconds", "images_per_s", "wall_seconds", "teacher_top1"):
+            row[column] = pd.to_numeric(group[column], errors="coerce").mean()
         for column in metrics:
             values = pd.to_numeric(group[column], errors="coerce")
             row[column] = values.mean()

@@ -10,13 +10,18 @@ recovery-point cadence may change) and with its own seeds, so a resumed run is t
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from kdcli.data.registry import DATASETS
 from kdcli.engine.io import atomic_write, write_json
 from kdcli.errors import UserError
+from kdcli.methods import resolved_method
 from kdcli.recipes import Recipe, comparable, read_yaml
 
 RECIPE_FILE = "recipe.yaml"
@@ -34,8 +39,32 @@ class RunRecord:
     def write(self, out: Path, recipe: Recipe | None = None) -> None:
         if recipe is not None:
             with atomic_write(out / RECIPE_FILE) as handle:
-                handle.write(recipe.to_yaml())
+                handle.write(recipe_yaml(recipe))
         write_json(out / RUN_FILE, asdict(self))
+
+
+SYNTHETIC_ONLY = ("num_classes", "train_size", "test_size")
+DECODED_ONLY = ("num_workers", "crop_fraction")
+
+
+def shown_tree(tree: dict[str, Any]) -> dict[str, Any]:
+    """A recipe tree as ``recipe.yaml`` and ``--dry-run`` show it: every weight and hyper-parameter of the method
+    spelled out with its default, and no data key that does not apply to the dataset (``num_classes`` of the
+    synthetic data in a CIFAR recipe). Applying it twice changes nothing, so runs compare through it."""
+    tree = copy.deepcopy(tree)
+    data = tree.get("data") or {}
+    info = DATASETS.get(data.get("dataset", "synthetic"))
+    dropped = (SYNTHETIC_ONLY if data.get("dataset", "synthetic") != "synthetic" else ()) + \
+        (DECODED_ONLY if info is not None and not info.decoded else ())
+    for key in dropped:
+        data.pop(key, None)
+    if tree.get("method", {}).get("name"):
+        tree["method"] = resolved_method(tree["method"])
+    return tree
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(shown_tree(recipe.to_dict()), sort_keys=False)
 
 
 @dataclass
@@ -56,7 +85,7 @@ def check_resume(out: Path, recipe: Recipe, command: str, seeds: list[int] | Non
         raise UserError(f"--resume: {out} has no {RECIPE_FILE}, so it is not a kdcli run directory; pass the --out "
                         "of the run to continue")
     own = read_yaml(path.read_text())
-    key = first_difference(comparable(own), comparable(recipe.to_dict()))
+    key = first_difference(comparable(shown_tree(own)), comparable(shown_tree(recipe.to_dict())))
     if key is not None and key not in GROWABLE:
         raise UserError(f"--resume: the recipe differs from the one {out} was started with at '{key}' (run: "
                         f"{_lookup(own, key)!r}, now: {_lookup(recipe.to_dict(), key)!r}); resume with the same recipe "

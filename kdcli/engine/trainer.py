@@ -41,6 +41,7 @@ from kdcli.engine.recovery import (
     set_rng_state,
 )
 from kdcli.engine.step import Engine
+from kdcli.engine.tracking import Tracker
 from kdcli.errors import RunStopped, UserError
 from kdcli.methods.base import Batch, Method, StepInfo
 from kdcli.recipes import Recipe
@@ -58,6 +59,7 @@ class RunContext:
     resume: bool = False
     dist: DistEnv = field(default_factory=DistEnv)
     signals: StopSignals = field(default_factory=StopSignals)  # shared by the stages of a run
+    tracker: Tracker | None = None  # the recipe's experiment trackers (rank 0 only)
 
 
 @dataclass
@@ -67,6 +69,8 @@ class NetworkResult:
     best_epoch: int
     best_top1: float
     last_top1: float
+    best_top5: float | None
+    last_top5: float | None
     test_top1_at_best: float | None
     test_top1_last: float | None
     checkpoint: str
@@ -80,6 +84,7 @@ class RunSummary:
     images_per_s: float
     out_dir: Path
     teacher_outputs: str = ""  # "live", "cache <folder>", or "" without a teacher
+    teacher_top1: float | None = None  # the loaded teacher's top-1 (%) on the evaluation split
 
 
 class NonFiniteWatch:
@@ -114,8 +119,9 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 class Trainer:
     def __init__(self, method: Method, teacher: nn.Module | None, data: DataBundle, recipe: Recipe, ctx: RunContext,
-                 stage: str, cache: CachedTeacher | None = None) -> None:
+                 stage: str, cache: CachedTeacher | None = None, teacher_top1: float | None = None) -> None:
         self.method, self.data, self.recipe, self.ctx, self.stage = method, data, recipe, ctx, stage
+        self.teacher_top1 = teacher_top1  # the loaded teacher's accuracy, recorded in the summary
         self.engine = Engine(method, teacher, recipe, recipe.train.epochs, ctx.dist, cache, (data.mean, data.std))
         self.dir = ctx.out_dir
         self.ckpt_dir = ctx.out_dir / "checkpoints"
@@ -154,6 +160,8 @@ class Trainer:
                 self.history.append(row)
                 self._save(epoch)
                 self._report(row)
+                if self.ctx.tracker is not None:
+                    self.ctx.tracker.epoch(self.stage, row)
                 if epoch + 1 < epochs:  # after the last epoch the stage is complete: the next one stops before it starts
                     self._stop_if_signalled(f"{self.stage} stopped after epoch {epoch + 1}, which is saved")
         seconds = time.perf_counter() - started
@@ -184,6 +192,9 @@ class Trainer:
                 out = self.engine.train_step(Batch(images, labels, indices, views=views), info)
                 self._say_notes()
                 watch.update(out.logs, self.step)
+                if self.ctx.tracker is not None and self.ctx.tracker.due(self.step):  # reads the device: every N
+                    self.ctx.tracker.step(self.stage, self.step, {**{k: v.item() for k, v in out.logs.items()},
+                                                                  "lr": self._lr()})
                 progress.add(out.logs, (out.logits.argmax(1) == labels).sum(), labels.numel())
                 progress.batches, self.step = i + 1, self.step + 1
                 if i + 1 < steps:  # the last step's state is saved whole at the end of the epoch
@@ -293,6 +304,7 @@ class Trainer:
                 suffix = "" if name == names[0] else f"_{name}"
                 row[f"{split}_top1{suffix}"] = metrics["top1"]
                 if suffix == "":
+                    row[f"{split}_top5"] = metrics["top5"]
                     row[f"{split}_nll"] = metrics["nll"]
             if len(names) > 1:
                 labels = logits[names[0]][1]
@@ -393,9 +405,12 @@ class Trainer:
                 best_epoch=int(best["epoch"]),
                 best_top1=best[f"{split}_top1{suffix}"],
                 last_top1=last[f"{split}_top1{suffix}"],
+                best_top5=best.get(f"{split}_top5") if suffix == "" else None,
+                last_top5=last.get(f"{split}_top5") if suffix == "" else None,
                 test_top1_at_best=best.get(f"test_top1{suffix}") if split != "test" else None,
                 test_top1_last=last.get(f"test_top1{suffix}") if split != "test" else None,
                 checkpoint=str(self.ckpt_dir / f"{name}-best.safetensors") if net is not None else "",
             ))
         rates = [row["images_per_s"] for row in self.history]
-        return RunSummary(self.stage, results, seconds, sum(rates) / len(rates), self.dir, self.teacher_outputs)
+        return RunSummary(self.stage, results, seconds, sum(rates) / len(rates), self.dir, self.teacher_outputs,
+                          self.teacher_top1)

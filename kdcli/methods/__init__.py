@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from kdcli.errors import UserError
 from kdcli.methods.base import (
     FEATURE_TERMS,
@@ -47,6 +50,16 @@ def validate_method_config(cfg: MethodConfig, source: str) -> None:
     for name in FEATURE_TERMS:
         if name in cfg.params:
             parse_term_params(name, cfg.params, source)
+
+
+def resolved_method(section: dict[str, Any]) -> dict[str, Any]:
+    """A ``method`` section with every weight and hyper-parameter the method uses spelled out: its default
+    weights under the recipe's, and its typed params with their defaults (feature-term sections as given)."""
+    cls = get_method(section["name"])
+    params = section.get("params") or {}
+    typed = dataclasses.asdict(parse_params(cls, params))
+    return {**section, "weights": {**cls.default_weights, **(section.get("weights") or {})},
+            "params": {**typed, **{key: value for key, value in params.items() if key not in typed}}}
 
 
 def describe_methods() -> list[dict[str, str]]:

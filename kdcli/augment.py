@@ -7,8 +7,8 @@ batch, so ``j == i`` can happen) with weight ``lam[i]`` on ``x_i``:
 * CutMix (Yun et al., 2019):   ``x~ = x_i`` with a box pasted from ``x_j``; ``lam`` is re-computed
   after clipping the box to the image as the fraction of ``x_i``'s pixels that remain.
 
-The hard label is ``h = lam * e(y_i) + (1 - lam) * e(y_j)``. For isotonic data augmentation (IDA spec
-``ida.md``, section 2.1; see :mod:`kdcli.isotonic`) every mixed sample also gets its label *roles*:
+The hard label is ``h = lam * e(y_i) + (1 - lam) * e(y_j)``. For isotonic data augmentation
+(``docs/methods/ida.md``; see :mod:`kdcli.isotonic`) every mixed sample also gets its label *roles*:
 
 * ``primary``: the original label with the larger hard weight (``y_i`` if ``lam >= 0.5``, else ``y_j``;
   an exact tie ``lam == 0.5`` goes to ``y_i``, the un-permuted sample);
@@ -76,7 +76,7 @@ class MixedBatch:
 
 
 def label_roles(labels_a: Tensor, labels_b: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
-    """IDA label roles ``(primary, secondary)`` of mixed samples (IDA spec section 2.1, decisions 1-3).
+    """IDA label roles ``(primary, secondary)`` of mixed samples (``docs/methods/ida.md``).
 
     ``primary`` is ``labels_a`` where ``lam >= 0.5`` (ties go to the un-permuted sample) and ``labels_b``
     otherwise; ``secondary`` is the other label, or ``-1`` where the classes coincide or ``lam`` is

@@ -19,8 +19,8 @@ and :func:`project_loop`, a per-sample Python reference implementation of the sa
 an independent check by the benchmark (:mod:`kdcli.bench`) and the tests.
 
 Roles are passed as ``primary`` ``(B,)`` and ``secondary`` ``(B,)`` integer tensors; ``secondary == -1``
-(or equal to ``primary``) selects the star order for that row. Section numbers below refer to the
-IDA method spec (``ida.md``).
+(or equal to ``primary``) selects the star order for that row. The method is described on the docs page
+``docs/methods/ida.md``.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def project_loop(values: Tensor, primary: Tensor, secondary: Tensor) -> Tensor:
 
     Structured like the authors' released code: every row is handled on its own, as a tensor on the
     input's device. The other labels are sorted there (``argsort``), their sorted values are copied to
-    the host, and the sequential adapted tree algorithm (Algorithm 1 of the spec, the
+    the host, and the sequential adapted tree algorithm (Algorithm 1 of the IDA paper, the
     pool-adjacent-violators scheme of IRT-BIN on the IDA tree) scans them in Python float64: grow
     ``b``'s block with a running sum while the next value is above the block mean, pool ``a`` if the
     block mean exceeds ``p_a``, keep growing; the pooled entries are then written back on the device.
@@ -224,7 +224,7 @@ def _grow_block(sorted_others: list[float], count: int, total: float, size: int)
 
 
 def order_penalty(probs: Tensor, primary: Tensor, secondary: Tensor, reduction: str = "mean") -> Tensor:
-    """KD-p's linear-time order penalty (spec section 4.1).
+    """KD-p's linear-time order penalty (``docs/methods/ida-p.md``).
 
     With ``G = {a, b}`` (or ``{a}`` when ``secondary == -1``)::
 
@@ -292,7 +292,7 @@ class ViolationStats:
 
 
 def violation_stats(soft: Tensor, primary: Tensor, secondary: Tensor, lam: Tensor | None = None) -> ViolationStats:
-    """Order-violation statistics of soft labels against the hard-label order (spec section 6).
+    """Order-violation statistics of soft labels against the hard-label order (the IDA paper's Fig. 1).
 
     The known-order pairs of a sample are the label pairs with different hard weights: ``(a, o)`` for
     every other label ``o``; in the chain case also ``(b, o)`` and, unless the two original labels have

@@ -335,20 +335,20 @@ def _grid_table(directory: Path) -> dict[str, dict[str, Any]]:
     table = _read_mapping(table_path)
     _check_table(table, table_path)
     recipes = {}
-    for method, spec in table["methods"].items():
+    for method, entry in table["methods"].items():
         for index, pair in enumerate(table["pairs"]):
-            section = _deep_merge(spec["method"], spec.get("per_pair", {}).get(pair, {}))
+            section = _deep_merge(entry["method"], entry.get("per_pair", {}).get(pair, {}))
             uses = {section["name"], *section.get("weights", {})}
             for term, settings in table.get("term_params", {}).get(pair, {}).items():
                 if term in uses:
                     params = section.setdefault("params", {})
                     params[term] = _deep_merge(settings, params.get(term, {}))
             raw = {"base": f"_cifar100-{pair}", "name": f"cifar100-{pair}-{method}",
-                   "description": f"{spec['description']} ({pair.replace('-', ' -> ')}, RepDistiller protocol)",
+                   "description": f"{entry['description']} ({pair.replace('-', ' -> ')}, RepDistiller protocol)",
                    "method": section}
-            reported = spec.get("paper_top1", [None] * len(table["pairs"]))[index]
+            reported = entry.get("paper_top1", [None] * len(table["pairs"]))[index]
             if reported is not None:
-                raw.update(paper_top1=reported, paper_source=spec["paper_source"])
+                raw.update(paper_top1=reported, paper_source=entry["paper_source"])
             recipes[raw["name"]] = raw
     return recipes
 
@@ -357,9 +357,9 @@ def _check_table(table: dict[str, Any], path: Path) -> None:
     """Every pair named in the table is one of its pairs, and every accuracy list has one entry per pair."""
     pairs = table["pairs"]
     unknown = [pair for pair in table.get("term_params", {}) if pair not in pairs]
-    for method, spec in table["methods"].items():
-        unknown += [pair for pair in spec.get("per_pair", {}) if pair not in pairs]
-        if len(spec.get("paper_top1", pairs)) != len(pairs):
+    for method, entry in table["methods"].items():
+        unknown += [pair for pair in entry.get("per_pair", {}) if pair not in pairs]
+        if len(entry.get("paper_top1", pairs)) != len(pairs):
             raise UserError(f"{path}: methods.{method}.paper_top1 needs one entry per pair ({len(pairs)}); fix the table")
     if unknown:
         raise UserError(f"{path}: pair '{unknown[0]}' is not in its pairs list; fix the table")

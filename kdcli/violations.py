@@ -1,7 +1,7 @@
 """IDA measurements: how often a teacher's soft labels contradict mixed hard labels, and what fixing that costs.
 
 :func:`measure_violations` (``kdcli measure-violations``) reproduces the statistics of the IDA paper's
-Fig. 1 (spec ``ida.md`` section 6) for one teacher: it runs the teacher over samples of a split (no
+Fig. 1 (``docs/methods/ida.md``) for one teacher: it runs the teacher over samples of a split (no
 crop/flip) under each augmentation (``none``, ``mixup``, ``CutMix``), and summarises the order of its
 soft labels ``p = softmax(z_T / tau)`` against the hard labels with :func:`kdcli.isotonic.violation_stats`,
 before and after the exact projection :func:`kdcli.isotonic.project` (KD-i's correction), plus the L1

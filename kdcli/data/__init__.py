@@ -16,9 +16,9 @@ Usage::
 """
 
 from kdcli.data.build import build_data, smoke_data
+from kdcli.data.bundle import DataBundle, Split
 from kdcli.data.folder import FolderSplit
 from kdcli.data.loader import BatchLoader, LoadedBatch, ViewGrid, make_loader
-from kdcli.data.spec import DataBundle, Split
 from kdcli.data.splits import TensorSplit
 from kdcli.recipes import DataConfig
 

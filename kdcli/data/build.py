@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from kdcli.data.bundle import DataBundle
 from kdcli.data.folder import load_decoded
 from kdcli.data.registry import DATASETS
-from kdcli.data.spec import DataBundle
 from kdcli.data.splits import TensorSplit, channel_stats, stratified_split
 from kdcli.data.synthetic import synthetic_split
 from kdcli.data.torchvision_sets import TORCHVISION_SETS, load_torchvision_set
@@ -12,25 +12,25 @@ from kdcli.errors import UserError
 from kdcli.recipes import DataConfig
 
 
-def build_data(spec: DataConfig) -> DataBundle:
-    """Load (or generate) the dataset of ``spec`` and carve the validation split out of train."""
-    if spec.dataset not in DATASETS:
-        raise UserError(f"unknown dataset {spec.dataset!r}; choose one of {', '.join(DATASETS)}")
-    if not 0.0 <= spec.val_fraction < 1.0:
-        raise UserError(f"data.val_fraction must be in [0, 1), got {spec.val_fraction}")
-    if spec.dataset == "synthetic":
-        bundle = _synthetic_bundle(spec.num_classes, 32, spec.train_size, spec.test_size, spec.data_seed,
-                                   spec.crop_padding, spec.hflip)
-    elif spec.dataset in TORCHVISION_SETS:
-        train, test, names = load_torchvision_set(spec.dataset, spec.root, spec.download, spec.image_size,
-                                                  spec.crop_padding, spec.hflip)
+def build_data(cfg: DataConfig) -> DataBundle:
+    """Load (or generate) the dataset of ``cfg`` and carve the validation split out of train."""
+    if cfg.dataset not in DATASETS:
+        raise UserError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.dataset == "synthetic":
+        bundle = _synthetic_bundle(cfg.num_classes, 32, cfg.train_size, cfg.test_size, cfg.data_seed,
+                                   cfg.crop_padding, cfg.hflip)
+    elif cfg.dataset in TORCHVISION_SETS:
+        train, test, names = load_torchvision_set(cfg.dataset, cfg.root, cfg.download, cfg.image_size,
+                                                  cfg.crop_padding, cfg.hflip)
         bundle = DataBundle(train, None, test, len(names), train.mean, train.std, train.image_size, names)
     else:  # decoded from files
-        train, test, names = load_decoded(spec.dataset, spec.root, image_size=spec.image_size,
-                                          crop_padding=spec.crop_padding, hflip=spec.hflip,
-                                          crop_fraction=spec.crop_fraction, num_workers=spec.num_workers)
-        bundle = DataBundle(train, None, test, len(names), train.mean, train.std, spec.image_size, names)
-    return _carve_validation(bundle, spec.val_fraction, spec.data_seed)
+        train, test, names = load_decoded(cfg.dataset, cfg.root, image_size=cfg.image_size,
+                                          crop_padding=cfg.crop_padding, hflip=cfg.hflip,
+                                          crop_fraction=cfg.crop_fraction, num_workers=cfg.num_workers)
+        bundle = DataBundle(train, None, test, len(names), train.mean, train.std, cfg.image_size, names)
+    return _carve_validation(bundle, cfg.val_fraction, cfg.data_seed)
 
 
 def _carve_validation(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:

@@ -15,7 +15,7 @@ scheme for K >= 3) at two levels:
       L_D^k = mean (1 - D_k(sg f_p(k)))² + mean D_k(sg f_k)²     peer's map = real, own map = fake
       L_G^k = w_feature * mean (1 - D_k(f_k))²                    network k tries to look like its peer
 
-Per mini-batch (spec §4.2): one SGD step on Σ_k L_logit^k; a fresh forward of every G_k and T_k; one
+Per mini-batch (the paper's Algorithm 1): one SGD step on Σ_k L_logit^k; a fresh forward of every G_k and T_k; one
 Adam step on Σ_k L_G^k over the feature extractors and transfer layers (discriminators frozen); one Adam
 step on Σ_k L_D^k over the discriminators (maps detached). ``update_order: discriminator_first``
 swaps the last two.
@@ -61,7 +61,7 @@ MAPS = Taps(logits=False, feature_map=True)
 
 @dataclass
 class AFDParams(MethodParams):
-    """AFD's hyper-parameters; defaults are the spec's (/work/shared/specs/afd.md §4.4)."""
+    """AFD's hyper-parameters; defaults and their sources: ``docs/methods/afd.md``."""
 
     networks: list[str] = field(default_factory=list)  # archs of net1..netK; empty: two copies of student.arch
     temperature: float = 3.0
@@ -108,7 +108,7 @@ class AFDParams(MethodParams):
 class Discriminator(nn.Module):
     """D_k: a (B, C, H, W) feature map -> (B, P) probabilities that it is the peer's map ("real").
 
-    ``conv`` (spec default): Conv3x3/s2 -> BN -> LeakyReLU -> Conv(⌈H/2⌉ x ⌈W/2⌉) -> sigmoid, P = 1.
+    ``conv`` (the default, reconstructed): Conv3x3/s2 -> BN -> LeakyReLU -> Conv(⌈H/2⌉ x ⌈W/2⌉) -> sigmoid, P = 1.
     ``patch`` (the reference reimplementation's): Conv2x2 -> BN -> LeakyReLU -> Conv2x2/s2 -> sigmoid,
     a PatchGAN with P = ⌊(H-1)/2⌋ · ⌊(W-1)/2⌋ outputs; losses average over them.
     """
@@ -265,7 +265,7 @@ class AFD(Method):
 
     # -- the step ---------------------------------------------------------------------------------
     def train_step(self, batch: Batch, step: Step, info: StepInfo) -> StepOutput:
-        """The spec's order: logit SGD step, then the feature-map steps; ``loss`` is the networks' total."""
+        """The paper's order: logit SGD step, then the feature-map steps; ``loss`` is the networks' total."""
         logits, terms = step.forward(LOGITS, self.logit_pass, batch, info)
         total = self.weighted_total(terms, info)
         step.update(total, "logit")

@@ -1,8 +1,8 @@
-"""Isotonic data augmentation for KD (Cui & Yan, IJCAI 2021; spec ``ida.md``): kd-aug, ida (KD-i), ida-p (KD-p).
+"""Isotonic data augmentation for KD (Cui & Yan, IJCAI 2021; ``docs/methods/ida.md``): kd-aug, ida (KD-i), ida-p (KD-p).
 
 Every step mixes the batch in :meth:`MixedKD.view` (mixup or CutMix, drawn from the trainer's per-epoch CPU
 generator, so a resumed run replays the same mixes); the engine runs teacher and student on the mixed images
-``x~`` only, and the method combines named terms (spec section 5):
+``x~`` only, and the method combines named terms:
 
     ce      = L_CE^mix = mean_n [lam_n CE(z_S, y_i) + (1 - lam_n) CE(z_S, y_j)]
     kd      = tau^2 * mean_n KL(softmax(z_T / tau) || softmax(z_S / tau))
@@ -17,7 +17,7 @@ with the paper's hyper-parameters as the default weights: ``w_ce = 1 - alpha = 0
 ``tau = 4.5``. The three methods share this implementation and differ only in their default weights,
 the terms a recipe may add (``optional_terms``) and their Params.
 
-Switches of ida / ida-p (spec section 8):
+Switches of ida / ida-p:
 
 * ``ir_space``: ``prob_tau`` (default) projects ``softmax(z_T / tau)``; ``logit`` projects the raw
   teacher logits and then takes ``softmax(. / tau)`` (the authors' code). Both remove every violation.
@@ -185,7 +185,7 @@ class IsotonicKD(MixedKD):
         if name == "ida":
             student = F.softmax(logits.float(), dim=1) if self.params.form == "released_code" else logits
             return losses.soft_target_kd(student, target, self.params.tau)
-        # KD-p on the student's distribution at temperature 1 (spec section 4.1, decision 7)
+        # KD-p on the student's distribution at temperature 1, as the released code (docs/methods/ida-p.md)
         return order_penalty(F.softmax(logits.float(), dim=1), mixed.primary, mixed.secondary)
 
 

@@ -1,4 +1,5 @@
-"""KD with an auxiliary variable (Peng, Fang, Zhang, Lu, ICML 2024), as reconstructed in specs/kdav.md.
+"""KD with an auxiliary variable (Peng, Fang, Zhang, Lu, ICML 2024), reconstructed from the paper
+(``docs/methods/kdav.md``).
 
 The student's predictive distribution is rebuilt through instance membership ``a`` over a memory
 ``M`` of teacher instances (this batch's own teacher entries plus a FIFO queue of earlier ones):
@@ -33,7 +34,7 @@ from kdcli.methods.base import Batch, Method, MethodContext, MethodParams, Outpu
 from kdcli.models import Features, Taps
 
 LABEL_FLOOR = 1e-12
-"""π_m(y) is floored at this value (the spec's clamp): a class that no member carries keeps a finite
+"""π_m(y) is floored at this value (reconstructed: the paper gives none): a class that no member carries keeps a finite
 log-probability, so KL(p_T ‖ p_S) stays finite in one-hot mode."""
 
 
@@ -124,7 +125,7 @@ class Members(NamedTuple):
 class InstanceQueue(nn.Module):
     """FIFO memory of L teacher instances held in buffers (saved in ``state_dict``, never exported).
 
-    Only the ``count`` filled rows are members: the first step sees an empty queue (warm-up, spec A7).
+    Only the ``count`` filled rows are members: the first step sees an empty queue (warm-up).
     """
 
     def __init__(self, length: int, dim: int, num_classes: int) -> None:
@@ -166,9 +167,9 @@ class KDAVParams(MethodParams):
     kappa: float = 1 / 0.07  # vMF concentration of the membership posterior
     kappa_t: float = 1 / 0.07  # concentration of the teacher's membership posterior (term `rel`, off)
     queue_size: int = 16384  # L, stored teacher instances
-    label_mode: Literal["teacher_soft", "onehot"] = "teacher_soft"  # π_m: teacher soft labels or one-hot (A1)
-    projector: Literal["linear", "mlp"] = "linear"  # g: d_S -> d_T linear, or linear-ReLU-linear (A5)
-    include_batch: bool = True  # the batch's own teacher entries are members (A4)
+    label_mode: Literal["teacher_soft", "onehot"] = "teacher_soft"  # π_m: teacher soft labels or one-hot
+    projector: Literal["linear", "mlp"] = "linear"  # g: d_S -> d_T linear, or linear-ReLU-linear
+    include_batch: bool = True  # the batch's own teacher entries are members
 
     def __post_init__(self) -> None:
         """Checked when the recipe is loaded: queue length, temperatures and concentrations must be > 0."""

@@ -62,11 +62,11 @@ def describe_models() -> list[dict[str, Any]]:
     Models are built on the meta device, so no memory is allocated and no weights are initialised.
     """
     rows = []
-    for name, spec in ZOO_SPECS.items():
+    for name, zoo in ZOO_SPECS.items():
         with torch.device("meta"):
             model = build_zoo_model(name, num_classes=100)
         params = sum(p.numel() for p in model.parameters())
-        rows.append({"name": name, "params": params, "feature_dim": model.num_features, "family": spec.family})
+        rows.append({"name": name, "params": params, "feature_dim": model.num_features, "family": zoo.family})
     return rows
 
 

@@ -60,7 +60,7 @@ ZOO_SPECS: dict[str, ZooSpec] = {
 # timm reads a module-level ``default_cfgs`` when registering, so timm.models.get_pretrained_cfg(name)
 # reports CIFAR input size, normalisation and layer names (and no weights: url/hub stay empty).
 default_cfgs: dict[str, dict[str, Any]] = {
-    name: {**spec.cls.data_cfg(), "num_classes": 100} for name, spec in ZOO_SPECS.items()
+    name: {**zoo.cls.data_cfg(), "num_classes": 100} for name, zoo in ZOO_SPECS.items()
 }
 
 
@@ -71,8 +71,8 @@ def build_zoo_model(name: str, pretrained: bool = False, num_classes: int = 100,
     unsupported = sorted(k for k in kwargs if k not in _TIMM_PLUMBING)
     if unsupported:
         raise UserError(f"zoo model '{name}' accepts only num_classes, not {', '.join(unsupported)}")
-    spec = ZOO_SPECS[name]
-    model = spec.cls(*spec.args, num_classes=num_classes)
+    zoo = ZOO_SPECS[name]
+    model = zoo.cls(*zoo.args, num_classes=num_classes)
     model.pretrained_cfg["architecture"] = name
     return model
 

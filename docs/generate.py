@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import typing
 from pathlib import Path
@@ -110,10 +111,17 @@ def _type(hint: object) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+@functools.cache
+def _recipes() -> list:
+    """Every shipped recipe, loaded once."""
+    from kdcli.recipes import list_recipes, load_recipe
+
+    return [(name, load_recipe(name)) for name in list_recipes()]
+
+
 def method_tables(name: str) -> str:
     """The generated part of a method's page: terms, hyper-parameters, recipes."""
     from kdcli.methods import get_method
-    from kdcli.recipes import list_recipes, load_recipe
 
     cls = get_method(name)
     lines = ["### Loss terms and default weights", "",
@@ -128,8 +136,7 @@ def method_tables(name: str) -> str:
         lines.extend(f"| `{p.name}` | {_type(hints[p.name])} | `{_field_default(p)}` |" for p in params)
         lines.append("")
     uses = []
-    for recipe_name in list_recipes():
-        recipe = load_recipe(recipe_name)
+    for recipe_name, recipe in _recipes():
         if recipe.method.name == name:
             reported = f"{recipe.paper_top1:.2f}" if recipe.paper_top1 is not None else ""
             uses.append(f"| `{recipe_name}` | {reported} | {_cell(recipe.paper_source)} |")

@@ -30,7 +30,7 @@ def plot_stage(histories: dict[int, pd.DataFrame], title: str, path: Path) -> Pa
         accuracy.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
         terms = sorted({c for h in histories.values() for c in h.columns if c not in NOT_LOSSES})
         for term in terms:
-            _lines(losses, histories, term, "-", term)
+            _lines(losses, histories, term, "-", "total (weighted)" if term == "loss" else term)
         if terms:
             losses.set_yscale("log")
         losses.set(xlabel="epoch", ylabel="loss (log scale)", title="loss terms (epoch mean)")

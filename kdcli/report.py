@@ -139,7 +139,7 @@ def build_report(runs: Sequence[Run], group_by: Sequence[str] = ("recipe", "stag
     frame = pd.DataFrame(rows)
     if not frame.empty:
         hashes = frame.groupby("recipe")["config_hash"].transform("nunique")
-        frame["note"] = [_join(note, f"{n} config hashes for this recipe: not averaged together" if n > 1 else "")
+        frame["note"] = [_join(note, f"{n} configs of this recipe, not averaged" if n > 1 else "")
                          for note, n in zip(frame["note"], hashes, strict=True)]
     incomplete = pd.DataFrame([_incomplete(run) for run in runs if not run.complete])
     return pd.concat([frame, incomplete], ignore_index=True)

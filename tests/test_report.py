@@ -85,7 +85,7 @@ def test_report_means_stds_baseline_teacher_paper_and_hash_split(runs: Path) -> 
     assert ttm.selection == "best-on-test" and ttm.top1 == pytest.approx(73.5)
     assert ttm.top1_std == pytest.approx(statistics.stdev([73.0, 74.0]))
     assert pd.isna(ttm.paper_top1) and pd.isna(ttm.baseline_top1) and pd.isna(ttm.teacher_top1)
-    assert "2 config hashes for this recipe" in kd.note and "2 config hashes" in ttm.note
+    assert "2 configs of this recipe, not averaged" in kd.note and "2 configs" in ttm.note
     teacher = report.loc[("teacher", "aaa")]
     assert teacher.seeds == 1 and teacher.top1 == 74.5 and pd.isna(teacher.top1_std)
     incomplete = report[report.status.str.startswith("incomplete")]
@@ -121,3 +121,18 @@ def test_report_of_nothing_or_a_bad_option_is_one_line(tmp_path: Path, runs: Pat
     assert none.exit_code == 2 and "no kdcli training run" in none.output
     grouped = CliRunner().invoke(app, ["report", str(runs), "--group-by", "method", "--out", str(tmp_path / "r")])
     assert grouped.exit_code == 2 and "--group-by 'method'" in grouped.output
+
+
+def test_evaluations_and_violations_inside_a_run_join_the_report(runs: Path, tmp_path: Path) -> None:
+    run = runs / "r1-distill-a"
+    (run / "eval").mkdir()
+    pd.DataFrame([{"checkpoint": "kd/checkpoints/student-best.safetensors", "recipe": "r1", "split": "test",
+                   "samples": 100, "top1": 71.0, "teacher": "t.safetensors", "agreement": 88.5}]
+                 ).to_csv(run / "eval" / "evaluation.csv", index=False)
+    (run / "eval" / "run.json").write_text(json.dumps({"command": "evaluate", "seeds": [0], "smoke": False}))
+    out = tmp_path / "report"
+    assert CliRunner().invoke(app, ["report", str(runs), "--out", str(out), "--no-plot"]).exit_code == 0
+    markdown = (out / "report.md").read_text()
+    assert "### evaluations" in markdown and "| 88.5 |" in markdown and str(run) in markdown
+    assert "<h2>evaluations</h2>" in (out / "report.html").read_text()
+    assert not (out / "curves").exists()

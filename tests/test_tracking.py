@@ -95,3 +95,18 @@ def test_a_missing_tracker_package_is_a_one_line_install_hint(tmp_path: Path, mo
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "pip install 'kdcli[wandb]'" in lines[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_each_seed_of_a_seeds_run_is_its_own_series(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["distill", "--recipe", "quickstart", "--smoke", "--seeds", "0,1", "--out", str(out),
+                                      "--set", "log.tensorboard=true", "--set", "train.baseline=false"])
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(next((out / "tensorboard").iterdir())))
+    events.Reload()
+    for seed in (0, 1):
+        top1 = pd.read_csv(out / f"seed-{seed}" / "kd" / "history.csv").test_top1.iloc[0]
+        assert [e.value for e in events.Scalars(f"seed-{seed}/kd/epoch/test_top1")] == [pytest.approx(top1)]
+    assert "teacher/epoch/test_top1" in events.Tags()["scalars"]  # the shared teacher: trained once

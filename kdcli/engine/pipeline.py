@@ -260,7 +260,7 @@ def run_seeds(command: str, recipe: Recipe, ctx: RunContext, smoke: bool, seeds:
         frames.append(results_frame(summaries, recipe, first, time.perf_counter() - started))
         teacher = str(ctx.out_dir / TEACHER_CHECKPOINT)
     for seed in seeds:
-        seed_ctx = dataclasses.replace(ctx, seed=seed, out_dir=ctx.out_dir / f"seed-{seed}")
+        seed_ctx = dataclasses.replace(ctx, seed=seed, out_dir=ctx.out_dir / f"seed-{seed}", label=f"seed-{seed}/")
         started = time.perf_counter()
         summaries = (train_teacher(recipe, seed_ctx, smoke) if command == "train-teacher"
                      else distill(recipe, seed_ctx, smoke, teacher))

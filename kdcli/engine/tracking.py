@@ -5,7 +5,7 @@ The recipe's ``log`` section turns them on (``log.tensorboard: true``, ``log.wan
 
 * the resolved recipe as the run's configuration (hyper-parameters) when the run starts;
 * every ``log.every_steps`` training steps, each loss term and the learning rate, as
-  ``<stage>/train_step/<name>`` against the stage's step;
+  ``<stage>/train_step/<name>`` against the stage's step (``seed-<s>/<stage>/...`` in a ``--seeds`` run);
 * every epoch, its history row (accuracies in percent, mean loss terms, seconds, images/s), as
   ``<stage>/epoch/<name>`` against the epoch (MLflow writes the slashes as dots);
 * at the end, the results table (TensorBoard: a Markdown text; W&B: a table; MLflow: ``results.csv``).

@@ -60,6 +60,7 @@ class RunContext:
     dist: DistEnv = field(default_factory=DistEnv)
     signals: StopSignals = field(default_factory=StopSignals)  # shared by the stages of a run
     tracker: Tracker | None = None  # the recipe's experiment trackers (rank 0 only)
+    label: str = ""  # prefix of this seed's series in the trackers ("seed-<s>/" in a --seeds run)
 
 
 @dataclass
@@ -161,7 +162,7 @@ class Trainer:
                 self._save(epoch)
                 self._report(row)
                 if self.ctx.tracker is not None:
-                    self.ctx.tracker.epoch(self.stage, row)
+                    self.ctx.tracker.epoch(self.ctx.label + self.stage, row)
                 if epoch + 1 < epochs:  # after the last epoch the stage is complete: the next one stops before it starts
                     self._stop_if_signalled(f"{self.stage} stopped after epoch {epoch + 1}, which is saved")
         seconds = time.perf_counter() - started
@@ -193,8 +194,8 @@ class Trainer:
                 self._say_notes()
                 watch.update(out.logs, self.step)
                 if self.ctx.tracker is not None and self.ctx.tracker.due(self.step):  # reads the device: every N
-                    self.ctx.tracker.step(self.stage, self.step, {**{k: v.item() for k, v in out.logs.items()},
-                                                                  "lr": self._lr()})
+                    self.ctx.tracker.step(self.ctx.label + self.stage, self.step,
+                                          {**{k: v.item() for k, v in out.logs.items()}, "lr": self._lr()})
                 progress.add(out.logs, (out.logits.argmax(1) == labels).sum(), labels.numel())
                 progress.batches, self.step = i + 1, self.step + 1
                 if i + 1 < steps:  # the last step's state is saved whole at the end of the epoch

@@ -398,7 +398,8 @@ def report(paths: List[Path] = typer.Argument(..., help="Run directories, --seed
                                         "splits rows)."),
            formats: str = typer.Option("md,csv,html", "--format", help="Files to write: md, csv, html."),
            plot: Optional[bool] = typer.Option(None, "--plot/--no-plot", help="Learning curves per run and stage as "
-                                               "PNG (needs the plot extra; default: on for a single run).")) -> None:
+                                               "PNG (needs the plot extra; default: on for a single run when it is "
+                                               "installed).")) -> None:
     """One table across runs and seeds: mean ± std, teacher, baseline, gain, paper; learning curves."""
     from kdcli import report as reporting
     from kdcli.engine.outputs import claim, writing
@@ -410,10 +411,13 @@ def report(paths: List[Path] = typer.Argument(..., help="Run directories, --seed
         raise UserError(f"--format '{formats}': choose from {', '.join(reporting.FORMATS)}, comma-separated")
     runs = reporting.find_runs(paths)
     table = reporting.build_report(runs, keys)
-    draw = plot if plot is not None else len(runs) == 1
-    if draw:
-        from kdcli import figures
+    import importlib.util
 
+    from kdcli import figures
+
+    # A single run gets its curves by default when matplotlib is there; --plot without it is a one-line error.
+    draw = plot if plot is not None else len(runs) == 1 and importlib.util.find_spec("matplotlib") is not None
+    if draw:
         figures.pyplot()  # fail before writing anything when matplotlib is missing
     output = claim(out, "report", paths[0].resolve().name if len(paths) == 1 else "runs", overwrite=overwrite)
     with writing(output) as folder:

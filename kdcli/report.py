@@ -142,7 +142,7 @@ def build_report(runs: Sequence[Run], group_by: Sequence[str] = ("recipe", "stag
         frame["note"] = [_join(note, f"{n} configs of this recipe, not averaged" if n > 1 else "")
                          for note, n in zip(frame["note"], hashes, strict=True)]
     incomplete = pd.DataFrame([_incomplete(run) for run in runs if not run.complete])
-    return pd.concat([frame, incomplete], ignore_index=True)
+    return pd.concat([frame, incomplete], ignore_index=True).reindex(columns=list(COLUMNS))
 
 
 def _summarise(key: dict, group: pd.DataFrame, seeds: pd.DataFrame) -> dict:
@@ -190,6 +190,9 @@ def _join(*parts: str) -> str:
 
 
 # -- writing ------------------------------------------------------------------------------------------------
+COLUMNS = ("recipe", "stage", "network", "arch", "config_hash", "method", "seeds", "selection", "top1", "top1_std",
+           "last_top1", "last_top1_std", "teacher_top1", "baseline_top1", "gain", "paper_top1", "paper_delta", "seconds",
+           "images_per_s", "kdcli", "torch", "runs", "status", "note")
 SHOWN = {"recipe": "recipe", "stage": "stage", "network": "network", "arch": "arch", "seeds": "seeds",
          "selection": "selection", "top1": "top-1 (%)", "last_top1": "last-epoch top-1 (%)",
          "teacher_top1": "teacher (%)", "baseline_top1": "baseline (%)", "gain": "gain", "paper_top1": "paper (%)",
@@ -207,6 +210,7 @@ def display_table(report: pd.DataFrame) -> pd.DataFrame:
     def spread(mean, std) -> str:
         return "" if mean is None or pd.isna(mean) else number(mean) + (f" ± {std:.2f}" if pd.notna(std) else "")
 
+    report = report.reindex(columns=list(dict.fromkeys([*COLUMNS, *report.columns])))  # an all-incomplete report too
     shown = pd.DataFrame({
         "recipe": report["recipe"], "stage": report.get("stage"), "network": report.get("network"),
         "arch": report.get("arch"), "seeds": report["seeds"].astype("Int64").astype(str),

@@ -136,3 +136,11 @@ def test_evaluations_and_violations_inside_a_run_join_the_report(runs: Path, tmp
     assert "### evaluations" in markdown and "| 88.5 |" in markdown and str(run) in markdown
     assert "<h2>evaluations</h2>" in (out / "report.html").read_text()
     assert not (out / "curves").exists()
+
+
+def test_a_report_of_only_unfinished_runs_lists_them(runs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", str(runs / "nested"), "--out", str(out), "--no-plot"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "report.csv")
+    assert len(table) == 1 and table.status[0] == "incomplete (teacher 2/3 epochs)" and pd.isna(table.top1[0])

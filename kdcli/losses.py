@@ -468,7 +468,7 @@ def _standardise(features: torch.Tensor) -> torch.Tensor:
 @_outside_autocast
 def itrd_correlation(student_features: torch.Tensor, teacher_features: torch.Tensor,
                      alpha: float = 1.5) -> torch.Tensor:
-    """ITRD's correlation term (Miles et al., ICLR 2022), on features of equal width D (the student embedded):
+    """ITRD's correlation term (Miles et al., BMVC 2022), on features of equal width D (the student embedded):
     with s̃, t̃ standardised per dimension over the batch (unbiased std, floored at 1e-8) and c_d = mean_b s̃_bd t̃_bd,
 
         L_corr = log₂ Σ_d |c_d − 1|^(2α)

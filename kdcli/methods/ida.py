@@ -78,7 +78,8 @@ class MixParams(MethodParams):
     """tau: KD temperature (teacher and student).
     mix: mixup, cutmix, or none (no mixing: plain KD with these weights).
     mix_alpha: lam ~ Beta(mix_alpha, mix_alpha); 1 (uniform) as in the authors' code.
-    per_sample: one lam (and CutMix box) per sample instead of one per batch (the code's choice).
+    per_sample: one lam (and CutMix box) per sample instead of one per batch (the authors' code draws one per
+    batch).
     """
 
     tau: float = 4.5

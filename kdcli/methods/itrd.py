@@ -1,4 +1,4 @@
-"""Information-theoretic representation distillation (Miles, Lopez-Rodriguez & Mikolajczyk, ICLR 2022), as the
+"""Information-theoretic representation distillation (Miles, Lopez-Rodriguez & Mikolajczyk, BMVC 2022), as the
 TTM authors run it for WTTM+ITRD (``distiller_zoo/itrd.py::ITLoss``), on the pooled features:
 
     L_itrd = λ_corr · L_corr(W f_S, f_T) + λ_mi · L_mi(f'_S, f_T)

@@ -16,6 +16,7 @@ runs ``CPUs - workers`` intra-op threads (at least 1) for both, so that its thre
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import statistics
 import time
@@ -95,8 +96,7 @@ def _timed_block(stream: Batches, device: torch.device, batches: int, warmup: in
 def _kdcli(split: TensorSplit | FolderSplit, device: torch.device, workers: int, batch_size: int, seed: int,
            channels_last: bool) -> Batches:
     if isinstance(split, FolderSplit):
-        split = split.subset(torch.arange(len(split)))
-        split.num_workers = workers
+        split = dataclasses.replace(split, num_workers=workers)
     loader = make_loader(split, batch_size, train=True, device=device, seed=seed, channels_last=channels_last)
     epoch = 0
     while True:

@@ -16,6 +16,7 @@ boxes; ``kdcli bench data`` measures the result against torchvision's ImageFolde
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -69,8 +70,7 @@ class FolderSplit:
         return self.load(position, augment_seed=None).permute(2, 0, 1), int(self.labels[position])
 
     def subset(self, index: Tensor) -> FolderSplit:
-        return FolderSplit(self.source, self.indices[index], self.image_size, self.mean, self.std, self.random_crop,
-                           self.hflip, self.crop_fraction, self.num_workers)
+        return dataclasses.replace(self, indices=self.indices[index])
 
     def load(self, position: int, augment_seed: int | None) -> Tensor:
         """Sample ``position`` as uint8 (S, S, 3): the eval view, or the training view drawn from the seed."""
